@@ -1,0 +1,53 @@
+"""
+Overrides for the module-level defaults of train.py / grpo.py (nanoGPT style, with checks):
+
+    python train.py config/debug.py --batch_size=8 --lr=3e-4
+
+A config file is plain Python; each name it defines (not starting with _) must already be a default,
+and --key=value must name one too. Values keep the default's type (an int may stand for a float;
+a default of None takes anything). Anything else is one clear error.
+"""
+import ast
+import sys
+
+
+def _coerce(key, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(value, type(default)):
+        return value
+    raise SystemExit(f"config error: {key} must be {type(default).__name__} (default {default!r}), got {value!r}")
+
+
+def configure(defaults, argv=None):
+    """Apply config files and --key=value from argv to the dict `defaults` (a module's globals) in place.
+    Returns the resolved config: the keys of `defaults` that are plain settings."""
+    keys = [k for k, v in defaults.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))]
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"config error: write --{key}=VALUE")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string
+            updates = {key: value}
+        else:
+            try:
+                source = open(arg).read()
+            except OSError as e:
+                raise SystemExit(f"config error: cannot read config file {arg}: {e.strerror}")
+            namespace = {}
+            exec(compile(source, arg, "exec"), namespace)
+            updates = {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not hasattr(v, "__file__")}
+        for key, value in updates.items():
+            if key not in keys:
+                raise SystemExit(f"config error: unknown key {key!r} (from {arg}); known keys: {', '.join(sorted(keys))}")
+            defaults[key] = _coerce(key, value, defaults[key])
+    return {k: defaults[k] for k in keys}
