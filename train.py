@@ -1,0 +1,400 @@
+"""
+Pretraining. Defaults are the module-level variables below; override them with config files and flags:
+
+    python train.py config/debug.py                      # CPU, minutes
+    python train.py config/a100_2day.py --max_tokens=2e9 # the seed's 2-day recipe
+    torchrun --standalone --nproc_per_node=8 train.py config/a100_2day.py
+
+Reads data_dir/{train,val}.bin + meta.json (prepare_data.py), calls model.py, writes out_dir/ckpt.pt
+(atomic; last K kept; best.pt by val loss), out_dir/log.jsonl and out_dir/config.json.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import model as M
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure
+from model import GPT, GPTConfig, make_config
+
+# ------------------------------------------------------------------------------------------------
+# I/O
+out_dir = "out/debug"
+data_dir = "data/shakespeare_char"  # prepare_data.py output: train.bin/val.bin (or shards) + meta.json
+eval_sets = {}  # more validation sets, reported separately: {"medqa": "data/medqa"} (each dir's val split)
+init_from = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | a checkpoint .pt | a Qwen3-layout folder
+# model
+preset = "debug"  # a name in model.PRESETS
+model_overrides = {}  # GPTConfig fields over the preset, e.g. {"dropout": 0.1, "tie_embeddings": True}
+attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
+precision = "bf16"  # model.PRECISION: "bf16" | "fp8"
+checkpoint_activations = False  # recompute blocks in backward: less memory, more compute
+trainable = "all"  # "all", or a substring: only parameters whose name contains it train (DSA warm-up: "indexer")
+# batch: tokens per optimizer step = micro_batch * block_size * grad_accum * world_size
+block_size = 256
+micro_batch = 16
+grad_accum = 1
+curriculum = []  # sequence-length stages [(until_tokens, block_size, micro_batch), ...]; grad_accum adapts
+# optimizer and schedule (in tokens, so a curriculum or another batch size keeps the same shape)
+lr = 1e-3
+min_lr = 1e-4
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = off
+schedule = "cosine"  # "cosine": warmup then cosine to min_lr | "wsd": warmup, hold, then linear decay
+decay_fraction = 0.2  # wsd: the last fraction of training that decays to min_lr
+warmup_tokens = 1_000_000
+max_tokens = 10_000_000
+# eval, logging, checkpoints
+eval_every_steps = 250
+eval_tokens = 1_000_000  # per validation set, contiguous windows from the start of the split
+eval_only = False
+log_every_steps = 10
+checkpoint_every_steps = 500
+keep_checkpoints = 2  # last K step checkpoints kept beside ckpt.pt and best.pt
+max_bad_steps = 5  # non-finite loss/grad steps in a row before stopping with a checkpoint
+# system
+device = "auto"  # "auto" | "cpu" | "cuda"
+dtype = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
+compile = False
+seed = 1337
+# ------------------------------------------------------------------------------------------------
+PEAK_FLOPS = 989e12  # dense bf16 datasheet peak of H100 and H200 (../shared/README.md's MFU convention)
+
+
+def log0(*args):
+    if RANK == 0:
+        print(*args, flush=True)
+
+
+def read_meta(path):
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"no dataset at {path}: {meta_path} is missing; make one with prepare_data.py --out {path}")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+class Batches:
+    """Random windows of block_size + 1 tokens from memmapped shards, one RNG stream per rank.
+    The state (RNG position) is saved in checkpoints, so a resumed run draws the same windows."""
+
+    def __init__(self, path, split, meta, rank, seed):
+        info = meta["splits"][split]
+        self.dtype = np.dtype(meta["dtype"])
+        self.shards = []
+        for name in info["files"]:
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise SystemExit(f"dataset {path} is incomplete: {file} is missing; rerun prepare_data.py")
+            if os.path.getsize(file) % self.dtype.itemsize:
+                raise SystemExit(f"{file} is not a whole number of {self.dtype} tokens: meta.json's dtype does not match the data")
+            self.shards.append(np.memmap(file, dtype=self.dtype, mode="r"))
+        self.sizes = np.array([len(s) for s in self.shards], dtype=np.float64)
+        self.rng = np.random.default_rng([seed, rank])
+
+    def state(self):
+        return self.rng.bit_generator.state
+
+    def set_state(self, state):
+        self.rng.bit_generator.state = state
+
+    def next(self, batch, length, device):
+        if self.sizes.max() < length + 1:
+            raise SystemExit(f"the data ({int(self.sizes.max())} tokens in its largest shard) is shorter than block_size + 1 = {length + 1}")
+        ok = self.sizes >= length + 1
+        shard_ids = self.rng.choice(len(self.shards), size=batch, p=ok * self.sizes / (ok * self.sizes).sum())
+        rows = []
+        for s in shard_ids:
+            start = self.rng.integers(0, len(self.shards[s]) - length)
+            rows.append(self.shards[s][start:start + length + 1])
+        xy = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the running step
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def lr_at(tokens):
+    if tokens < warmup_tokens:
+        return lr * (tokens + 1) / warmup_tokens
+    if schedule == "cosine":
+        progress = min(1.0, (tokens - warmup_tokens) / max(1, max_tokens - warmup_tokens))
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+    decay_start = max_tokens * (1 - decay_fraction)  # wsd: hold at lr, then linear decay
+    if tokens < decay_start:
+        return lr
+    return lr - (lr - min_lr) * min(1.0, (tokens - decay_start) / max(1, max_tokens - decay_start))
+
+
+def stage_at(tokens):
+    """(block_size, micro_batch, grad_accum) for the curriculum stage at `tokens`."""
+    for until, stage_block, stage_batch in curriculum:
+        if tokens < until:
+            return stage_block, stage_batch, tokens_per_step // (stage_block * stage_batch * WORLD)
+    return block_size, micro_batch, grad_accum
+
+
+@torch.no_grad()
+def evaluate(model, sets):
+    """Loss, perplexity, bits per token and byte, next-token accuracy on each validation set."""
+    model.eval()
+    results = {}
+    for name, (tokens, tokens_per_byte) in sets.items():
+        T = block_size
+        n_windows = min((len(tokens) - 1) // T, max(1, eval_tokens // T))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.float64, device=dev)
+        count = torch.zeros((), dtype=torch.float64, device=dev)
+        for w0 in range(RANK * micro_batch, n_windows, WORLD * micro_batch):  # ranks take disjoint windows
+            starts = range(w0 * T, min(w0 + micro_batch, n_windows) * T, T)
+            xy = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)).to(dev)
+            with autocast:
+                losses, hits = raw_model.token_stats(xy[:, :-1], xy[:, 1:])
+            loss_sum += losses.double().sum()
+            correct += hits.double().sum()
+            count += losses.numel()
+        if WORLD > 1:
+            for t in (loss_sum, correct, count):
+                dist.all_reduce(t)
+        loss = (loss_sum / count.clamp(min=1)).item()
+        results[name] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "bits_per_token": loss / math.log(2),
+                         "bpb": loss / math.log(2) * tokens_per_byte, "acc": (correct / count.clamp(min=1)).item(),
+                         "tokens": int(count.item())}
+    model.train()
+    return results
+
+
+def checkpoint_dict(step, tokens_seen, best_val_loss):
+    return {"model_config": asdict(raw_model.cfg), "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "tokens_seen": tokens_seen, "data_state": pending_state,  # resume redraws the prefetched batch
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None},
+            "config": config, "tokenizer": tokenizer_meta, "best_val_loss": best_val_loss, "kind": "pretrain"}
+
+
+def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
+    """ckpt.pt (atomic) plus hard links ckpt_<step>.pt (the last K) and best.pt: no extra disk, no half files."""
+    if RANK != 0:
+        return
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        save_checkpoint(path, checkpoint_dict(step, tokens_seen, best_val_loss))
+        for name in [f"ckpt_{step:07d}.pt"] + (["best.pt"] if is_best else []):
+            link = os.path.join(out_dir, name)
+            if os.path.exists(link):
+                os.remove(link)
+            os.link(path, link)
+        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+        for name in old[:-keep_checkpoints]:
+            os.remove(os.path.join(out_dir, name))
+        log0(f"saved checkpoint at step {step} to {path}")
+    except OSError as e:  # disk full, permissions: the previous checkpoint is still whole; keep training
+        log0(f"WARNING: could not write a checkpoint at step {step} ({e}); the previous one is intact")
+
+
+# ------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    config = configure(globals())
+    RANK, WORLD, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if WORLD > 1:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(LOCAL_RANK)
+    dev = torch.device(f"cuda:{LOCAL_RANK}" if device == "cuda" else device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    torch.manual_seed(seed + RANK)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    M.ATTENTION, M.PRECISION = attention, precision
+
+    # ---- data (checked before any GPU work) ----
+    meta = read_meta(data_dir)
+    tokenizer_meta = {k: meta[k] for k in ("tokenizer", "vocab_size", "eos_id", "chars") if k in meta}
+    train_batches = Batches(data_dir, "train", meta, RANK, seed)
+    val_sets = {}
+    for name, path in {"val": data_dir, **eval_sets}.items():
+        m = read_meta(path)
+        if m["tokenizer"] != meta["tokenizer"] or m["vocab_size"] != meta["vocab_size"]:
+            raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, the training data {meta['tokenizer']}/{meta['vocab_size']}")
+        split = m["splits"]["val"]
+        val_sets[name] = (Batches(path, "val", m, 0, 0).shards[0], split["tokens"] / max(1, split["bytes"]))
+
+    # ---- model ----
+    start_step, tokens_seen, best_val_loss, ckpt = 0, 0, float("inf"), None
+    if init_from == "scratch":
+        vocab = -(-meta["vocab_size"] // 64) * 64  # pad the vocab to a multiple of 64: faster matmuls
+        cfg = make_config(preset, **{"vocab_size": vocab, "block_size": block_size, **model_overrides})
+    else:
+        if init_from == "resume":
+            ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        elif os.path.isdir(init_from):
+            from checkpoint import load_hf_folder
+            ckpt = load_hf_folder(init_from)
+        else:
+            ckpt = load_checkpoint(init_from)
+        cfg = GPTConfig(**{**ckpt["model_config"], **model_overrides})
+        if ckpt.get("tokenizer", {}).get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+            raise SystemExit(f"{init_from} was trained with tokenizer {ckpt['tokenizer']['tokenizer']}, but {data_dir} uses {meta['tokenizer']}")
+    if meta["vocab_size"] > cfg.vocab_size:
+        raise SystemExit(f"dataset {data_dir} has vocab {meta['vocab_size']} but the model only {cfg.vocab_size}: wrong data_dir or vocab_size")
+    max_block = max([block_size] + [b for _, b, _ in curriculum])
+    if max_block > cfg.block_size:
+        raise SystemExit(f"block_size {max_block} is longer than the model's context {cfg.block_size}")
+    cfg.checkpoint_activations = checkpoint_activations
+    raw_model = GPT(cfg)
+    if ckpt is not None:
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        missing, unexpected = raw_model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "indexer" not in k]:  # only new DSA indexer weights may be absent
+            raise SystemExit(f"{init_from} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if trainable != "all":
+        for name, p in raw_model.named_parameters():
+            p.requires_grad = trainable in name
+        if not any(p.requires_grad for p in raw_model.parameters()):
+            raise SystemExit(f"trainable={trainable!r} matches no parameter name")
+    raw_model.to(dev)
+    optimizer = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type)
+    if init_from == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, tokens_seen, best_val_loss = ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"]
+        train_batches.set_state(ckpt["data_state"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if dev.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    del ckpt
+    model = torch.compile(raw_model) if compile else raw_model
+    if WORLD > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[LOCAL_RANK] if dev.type == "cuda" else None)
+
+    tokens_per_step = micro_batch * block_size * grad_accum * WORLD
+    for until, stage_block, stage_batch in curriculum:
+        if tokens_per_step % (stage_block * stage_batch * WORLD):
+            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide {tokens_per_step} tokens per step")
+    max_steps = math.ceil(max_tokens / tokens_per_step)
+    flops_per_token = raw_model.flops_per_token(block_size)
+    if RANK == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        log0(json.dumps(config, indent=1))
+        log0(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} dtype={dtype} compile={compile} device={dev} world={WORLD}")
+        log0(f"model: {raw_model.num_params():,} parameters ({raw_model.matmul_params():,} in matmuls), {asdict(cfg)}")
+        log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, {max_steps:,} steps")
+
+    if eval_only:
+        for name, r in evaluate(model, val_sets).items():
+            log0(f"eval {name}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        sys.exit(0)
+
+    # ---- training loop ----
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
+        signal.signal(sig, lambda s, f: stop_signal.append(s))
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if RANK == 0 else None
+    tb = None
+    if RANK == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        except ImportError:
+            pass
+
+    def log_record(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(k, v, record["step"])
+
+    step, bad_steps, t_start = start_step, 0, time.time()
+    t_last, tokens_last = time.time(), tokens_seen
+    cur_block, cur_batch, cur_accum = stage_at(tokens_seen)
+    pending_state = train_batches.state()  # loader state before the prefetched batch: what a checkpoint saves
+    x, y = train_batches.next(cur_batch, cur_block, dev)
+    while step < max_steps:
+        lr_now = lr_at(tokens_seen)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        loss_sum = torch.zeros((), device=dev)
+        for micro in range(cur_accum):
+            sync = micro == cur_accum - 1
+            ctx = model.no_sync() if WORLD > 1 and not sync else nullcontext()  # all-reduce once per step
+            with ctx, autocast:
+                loss = model(x, y)
+            with ctx:
+                (loss / cur_accum).backward()
+            loss_sum += loss.detach()
+            if sync:  # the next step may be in another curriculum stage
+                nxt_block, nxt_batch, nxt_accum = stage_at(tokens_seen + tokens_per_step)
+            else:
+                nxt_block, nxt_batch = cur_block, cur_batch
+            pending_state = train_batches.state()
+            x, y = train_batches.next(nxt_batch, nxt_block, dev)  # fetched while the GPU runs this micro-step
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        loss_val = (loss_sum / cur_accum).item()
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # skip the update, keep the weights
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm.item()}: update skipped ({bad_steps} in a row)")
+            log_record({"step": step, "skipped": 1, "loss": loss_val})
+            if bad_steps >= max_bad_steps:
+                write_checkpoint(step, tokens_seen, best_val_loss)
+                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last good weights are in {out_dir}/ckpt.pt")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps = 0
+        step += 1
+        tokens_seen += tokens_per_step
+        cur_block, cur_batch, cur_accum = nxt_block, nxt_batch, nxt_accum
+        if step % log_every_steps == 0 or step == max_steps:
+            now = time.time()
+            tok_s = (tokens_seen - tokens_last) / (now - t_last)
+            mfu = tok_s * raw_model.flops_per_token(cur_block) / (PEAK_FLOPS * WORLD)
+            mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+            eta = (max_steps - step) * (now - t_start) / (step - start_step)
+            log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
+                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | ETA {eta / 60:.1f} min")
+            log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item(),
+                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": cur_block, "time": now - t_start})
+            t_last, tokens_last = now, tokens_seen
+        else:
+            log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item()})
+        stopping = bool(stop_signal)
+        if WORLD > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(stopping)], device=dev)
+            dist.all_reduce(flag)
+            stopping = flag.item() > 0
+        is_best = False
+        if eval_every_steps and (step % eval_every_steps == 0 or step == max_steps):
+            t_eval = time.time()
+            results = evaluate(model, val_sets)
+            for name, r in results.items():
+                log0(f"eval step {step} {name}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} bpb {r['bpb']:.4f} acc {r['acc']:.4f}")
+            log_record({"step": step, "tokens": tokens_seen, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}})
+            is_best = results["val"]["loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, results["val"]["loss"])
+            t_last += time.time() - t_eval  # tokens/s counts training time only
+        if stopping or is_best or step == max_steps or (checkpoint_every_steps and step % checkpoint_every_steps == 0):
+            write_checkpoint(step, tokens_seen, best_val_loss, is_best)
+        if stopping:
+            log0(f"stopped by signal after step {step}; resume with --init_from=resume")
+            break
+    if WORLD > 1:
+        dist.destroy_process_group()
