@@ -45,3 +45,98 @@ def model_from_checkpoint(ckpt, device="cpu"):
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(state)
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# A transformers folder in the Qwen3 layout (export_hf.py writes one; small Qwen3 models on the Hub are
+# others) -> a checkpoint dict of the format above, so init_from can start from it. safetensors only.
+GPT2_TOKENIZER_SHA256 = "0fe5cf15f4554236dcaf74ee007f079a6a48b179f1c8c1ceaa18fb04c422264e"  # sha256 of GPT-2's vocab + merges, as below
+
+
+def _hf_tokenizer_entry(folder, eos_fallback):
+    """The checkpoint's "tokenizer" entry for the folder's tokenizer.json: "gpt2" when it is exactly GPT-2's BPE
+    (so GPT-2 data prepared with tiktoken matches it), else the file's path; None when the folder has none."""
+    import hashlib
+    import json
+    from tokenizer import EOS_NAMES
+    path = os.path.join(os.path.abspath(folder), "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    vocab = dict(tj["model"].get("vocab") or {})
+    vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    digest = hashlib.sha256(json.dumps([sorted(tj["model"].get("vocab", {}).items()), merges], ensure_ascii=False).encode()).hexdigest()
+    eos_id = next((vocab[n] for n in EOS_NAMES if n in vocab), eos_fallback)  # tokenizer.py's rule, then config.json's
+    name = "gpt2" if digest == GPT2_TOKENIZER_SHA256 else path
+    return {"tokenizer": name, "vocab_size": max(vocab.values()) + 1, "eos_id": eos_id}
+
+
+def load_hf_folder(folder):
+    """Read config.json + model.safetensors (or its shards) of a Qwen3ForCausalLM folder into a checkpoint dict
+    (kind "hf": weights, model config and tokenizer; no optimizer, step 0). Anything we cannot represent exactly
+    (other architectures, biases, sliding windows, RoPE scaling, pickled .bin weights) is refused with one line."""
+    import json
+    from dataclasses import asdict
+    from safetensors.torch import load_file
+    from model import from_hf_state_dict, to_hf_state_dict
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise SystemExit(f"{folder} is not a transformers model folder (no config.json)")
+    with open(cfg_path) as f:
+        hc = json.load(f)
+    arch = hc.get("architectures") or [hc.get("model_type")]
+    if "Qwen3ForCausalLM" not in arch and hc.get("model_type") != "qwen3":
+        raise SystemExit(f"{folder}: architecture {arch} is not Qwen3ForCausalLM; only Qwen3-layout models load "
+                         "(dense: RMSNorm, QK-norm, GQA, SwiGLU, no biases)")
+    rope = hc.get("rope_parameters") or {}
+    scaling = hc.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", scaling.get("rope_type", scaling.get("type", "default"))))
+    problems = [f"{k}={hc.get(k)}" for k, ok in [("attention_bias", False), ("use_sliding_window", False), ("hidden_act", "silu")]
+                if hc.get(k, ok) != ok]
+    if rope_type != "default":
+        problems.append(f"rope type {rope_type!r} (RoPE scaling)")
+    if problems:
+        raise SystemExit(f"{folder}: {', '.join(problems)} has no equivalent in model.py; cannot load it")
+    n_head = hc["num_attention_heads"]
+    cfg = GPTConfig(vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_embd=hc["hidden_size"], n_head=n_head,
+                    n_kv_head=hc.get("num_key_value_heads") or n_head, head_dim=hc.get("head_dim") or hc["hidden_size"] // n_head,
+                    mlp_hidden=hc["intermediate_size"], block_size=hc["max_position_embeddings"],
+                    rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))), norm_eps=hc.get("rms_norm_eps", 1e-6),
+                    tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(folder)):
+        raise SystemExit(f"{folder} holds pickled weights (.bin/.pt), which can run code when loaded; convert them to "
+                         "safetensors first (in a sandbox: transformers' save_pretrained(safe_serialization=True))")
+    else:
+        raise SystemExit(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for name in files:
+        sd.update(load_file(os.path.join(folder, name)))
+
+    with torch.device("meta"):  # names and shapes of a model of this config, without allocating it
+        shapes = {k: v.shape for k, v in to_hf_state_dict(GPT(cfg)).items()}
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    missing, unexpected = sorted(set(shapes) - set(sd) - optional), sorted(set(sd) - set(shapes))
+    if missing or unexpected:
+        raise SystemExit(f"{folder}: weights do not match a Qwen3 model of its config.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    bad = [k for k, v in sd.items() if v.shape != shapes[k]]
+    if bad:
+        raise SystemExit(f"{folder}: weight shapes disagree with config.json: {bad[:4]}")
+    state = {k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()}  # fp32 master weights, as train.py keeps
+
+    ckpt = {"model_config": asdict(cfg), "model": state, "optimizer": None, "step": 0, "tokens_seen": 0,
+            "data_state": None, "rng": None, "config": {"init_from": os.path.abspath(folder)}, "best_val_loss": float("inf"),
+            "kind": "hf"}
+    eos = hc.get("eos_token_id")
+    tok = _hf_tokenizer_entry(folder, eos[0] if isinstance(eos, list) else eos)
+    if tok is not None:  # no key at all when the folder has no tokenizer: the data's tokenizer decides
+        ckpt["tokenizer"] = tok
+    return ckpt
