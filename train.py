@@ -285,7 +285,6 @@ if __name__ == "__main__":
         if tokens_per_step % (stage_block * stage_batch * WORLD):
             raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide {tokens_per_step} tokens per step")
     max_steps = math.ceil(max_tokens / tokens_per_step)
-    flops_per_token = raw_model.flops_per_token(block_size)
     if RANK == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -362,17 +361,17 @@ if __name__ == "__main__":
             bad_steps = 0
         step += 1
         tokens_seen += tokens_per_step
-        cur_block, cur_batch, cur_accum = nxt_block, nxt_batch, nxt_accum
+        step_block, (cur_block, cur_batch, cur_accum) = cur_block, (nxt_block, nxt_batch, nxt_accum)
         if step % log_every_steps == 0 or step == max_steps:
             now = time.time()
             tok_s = (tokens_seen - tokens_last) / (now - t_last)
-            mfu = tok_s * raw_model.flops_per_token(cur_block) / (PEAK_FLOPS * WORLD)
+            mfu = tok_s * raw_model.flops_per_token(step_block) / (PEAK_FLOPS * WORLD)
             mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
             eta = (max_steps - step) * (now - t_start) / (step - start_step)
             log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
                  f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | ETA {eta / 60:.1f} min")
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": cur_block, "time": now - t_start})
+                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start})
             t_last, tokens_last = now, tokens_seen
         else:
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item()})

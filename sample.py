@@ -1,0 +1,57 @@
+"""
+Generate text from a checkpoint of train.py or grpo.py:
+
+    python sample.py --ckpt out/gutenberg/ckpt.pt --start "It was a dark night" --num_samples 3
+    python sample.py --ckpt out/gutenberg/best.pt --start FILE:prompt.txt --temperature 0.8 --top_p 0.95
+"""
+import argparse
+import time
+
+import torch
+
+import model as M
+from checkpoint import load_checkpoint, model_from_checkpoint
+from tokenizer import load_tokenizer
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", required=True, help="a checkpoint .pt of train.py or grpo.py")
+parser.add_argument("--start", default="\n", help="the prompt text, or FILE:path to read it from a file")
+parser.add_argument("--num_samples", type=int, default=3)
+parser.add_argument("--max_new_tokens", type=int, default=200)
+parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+parser.add_argument("--top_k", type=int, default=None)
+parser.add_argument("--top_p", type=float, default=None)
+parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--device", default="auto")
+parser.add_argument("--attention", default="sdpa", help="model.ATTENTION")
+
+
+def main(args):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    M.ATTENTION = args.attention
+    ckpt = load_checkpoint(args.ckpt)
+    tok = load_tokenizer(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt, device).eval()
+    start = open(args.start[5:]).read() if args.start.startswith("FILE:") else args.start
+    prompt = tok.encode(start) or [tok.eos_id]  # an empty prompt starts from a document boundary
+    generator = torch.Generator(device).manual_seed(args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    t0 = time.time()
+    with autocast:
+        out, lengths = model.generate([prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                                      args.top_p, eos_id=tok.eos_id, generator=generator)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.time() - t0
+    for row, n in zip(out.tolist(), lengths.tolist()):
+        print(start + tok.decode([t for t in row[:n] if t != tok.eos_id]))
+        print("-" * 60)
+    print(f"{int(lengths.sum())} new tokens in {elapsed:.2f} s: {lengths.sum().item() / elapsed:,.0f} tokens/s "
+          f"({args.num_samples} samples, batched, KV cache)")
+
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except ValueError as e:  # e.g. a prompt longer than the context: one clear line
+        raise SystemExit(f"error: {e}")

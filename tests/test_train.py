@@ -1,0 +1,175 @@
+"""train.py end to end on the CPU: exact resume, learning, schedules, curriculum, clear errors, signals, NaN skips."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_dataset(path, n_chars=60_000, seed=0):
+    """A char-level dataset written directly (.bin + meta.json), independent of prepare_data.py."""
+    rng = np.random.default_rng(seed)
+    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "dog ", "ran ", "far. "]
+    text = "".join(rng.choice(words, size=n_chars // 4))[:n_chars]
+    chars = sorted(set(text))
+    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    os.makedirs(path, exist_ok=True)
+    ids[:n].tofile(os.path.join(path, "train.bin"))
+    ids[n:].tofile(os.path.join(path, "val.bin"))
+    meta = {"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eos_id": len(chars), "dtype": "uint16",
+            "splits": {"train": {"files": ["train.bin"], "tokens": n, "documents": 1, "bytes": n},
+                       "val": {"files": ["val.bin"], "tokens": len(ids) - n, "documents": 1, "bytes": len(ids) - n}}}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return path
+
+
+def run(tmp_path, *args, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={tmp_path / 'data'}", "--block_size=32",
+           "--micro_batch=4", "--warmup_tokens=256", "--log_every_steps=5", "--eval_every_steps=0", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stdout[-2000:] + p.stderr[-3000:])
+    return p
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_dataset(tmp_path / "data")
+    return tmp_path
+
+
+def test_resume_is_exact(data):
+    """N steps + resume + N steps gives bitwise the losses of 2N straight steps (dropout, accumulation on)."""
+    common = ["--max_tokens=5120", "--grad_accum=2", "--model_overrides={'dropout': 0.1}"]
+    run(data, *common, f"--out_dir={data / 'a'}", "--checkpoint_every_steps=10")
+    os.makedirs(data / "b")
+    os.link(data / "a" / "ckpt_0000010.pt", data / "b" / "ckpt.pt")
+    run(data, *common, f"--out_dir={data / 'b'}", "--init_from=resume")
+    straight, resumed = losses(data / "a"), losses(data / "b")
+    assert sorted(resumed) == list(range(11, 21))
+    assert all(straight[s] == resumed[s] for s in resumed)
+
+
+def test_loss_decreases_and_eval_reports_bits_per_byte(data):
+    p = run(data, "--max_tokens=40000", "--lr=3e-3", f"--out_dir={data / 'o'}", "--eval_every_steps=100", "--eval_tokens=2000")
+    log = losses(data / "o")
+    first, last = np.mean([log[s] for s in range(1, 6)]), np.mean([log[s] for s in sorted(log)[-5:]])
+    assert last < first - 1.0, (first, last)
+    with open(data / "o" / "log.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "val/loss" in r]
+    r = evals[-1]
+    assert r["val/loss"] < 2.0 and 0.0 < r["val/acc"] <= 1.0
+    assert abs(r["val/bpb"] - r["val/loss"] / np.log(2)) < 1e-9  # char data: one token per byte
+    assert os.path.exists(data / "o" / "best.pt") and os.path.exists(data / "o" / "config.json")
+    assert "MFU" in p.stdout and "ETA" in p.stdout
+
+
+def test_curriculum_keeps_tokens_per_step(data):
+    run(data, "--max_tokens=4096", "--grad_accum=2", "--curriculum=[(1024, 16, 4)]", f"--out_dir={data / 'c'}", "--log_every_steps=1")
+    with open(data / "c" / "log.jsonl") as f:
+        recs = [r for r in map(json.loads, f) if "block_size" in r]
+    assert [r["block_size"] for r in recs][:5] == [16, 16, 16, 16, 32]  # 4 steps of 256 tokens reach 1024
+    assert all(b["tokens"] - a["tokens"] == 256 for a, b in zip(recs, recs[1:]))
+
+
+def test_schedules():
+    train.lr, train.min_lr, train.warmup_tokens, train.max_tokens = 1.0, 0.1, 100, 1100
+    train.schedule = "cosine"
+    assert train.lr_at(0) == pytest.approx(0.01) and train.lr_at(99) == pytest.approx(1.0)
+    assert train.lr_at(600) == pytest.approx(0.55) and train.lr_at(1100) == pytest.approx(0.1)
+    train.schedule, train.decay_fraction = "wsd", 0.2
+    assert train.lr_at(500) == 1.0 and train.lr_at(880) == 1.0
+    assert train.lr_at(990) == pytest.approx(0.55) and train.lr_at(1100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no_such_key=1"], "unknown key 'no_such_key'"),
+    (["--lr=fast"], "lr must be float"),
+    (["--data_dir=/nonexistent/x"], "no dataset at /nonexistent/x"),
+    (["--preset=huge"], "unknown model preset"),
+    (["--model_overrides={'vocab_size': 8}"], "has vocab 16 but the model only 8"),
+])
+def test_bad_input_is_one_clear_error(data, args, message):
+    p = run(data, f"--out_dir={data / 'e'}", *args, check=False)
+    assert p.returncode != 0
+    last = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1]
+    assert message in last, last
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(data, tmp_path_factory):
+    run(data, "--max_tokens=640", f"--out_dir={data / 'v'}")
+    other = tmp_path_factory.mktemp("other")
+    make_dataset(other / "data", seed=1)
+    meta = json.load(open(other / "data" / "meta.json"))
+    meta["tokenizer"] = "gpt2"
+    json.dump(meta, open(other / "data" / "meta.json", "w"))
+    p = run(other, f"--out_dir={data / 'v'}", "--init_from=resume", "--max_tokens=1280", check=False)
+    assert p.returncode != 0 and "was trained with tokenizer char, but" in p.stderr
+
+
+def test_corrupt_or_truncated_checkpoint_is_one_clear_error(data):
+    run(data, "--max_tokens=640", f"--out_dir={data / 't'}")
+    path = data / "t" / "ckpt.pt"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    p = run(data, f"--out_dir={data / 't'}", "--init_from=resume", check=False)
+    assert p.returncode != 0 and "truncated, corrupt" in p.stderr.strip().splitlines()[-1]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
+
+    def half_write(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_config": {}})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(data):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data / 'data'}", "--block_size=32",
+           "--micro_batch=4", "--max_tokens=10000000", "--eval_every_steps=0", "--log_every_steps=1", f"--out_dir={data / 's'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log = data / "s" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    ckpt = checkpoint.load_checkpoint(str(data / "s" / "ckpt.pt"))
+    stopped_at = ckpt["step"]
+    assert stopped_at >= 3
+    p = run(data, f"--out_dir={data / 's'}", "--init_from=resume", f"--max_tokens={(stopped_at + 2) * 128}")
+    assert min(s for s in losses(data / "s") if s > stopped_at) == stopped_at + 1
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(data):
+    p = run(data, "--lr=1e30", "--warmup_tokens=0", "--grad_clip=0", "--max_tokens=100000", f"--out_dir={data / 'n'}",
+            "--max_bad_steps=3", check=False)
+    assert p.returncode != 0 and "3 non-finite steps in a row" in p.stderr
+    assert p.stdout.count("update skipped") == 3
+    ckpt = checkpoint.load_checkpoint(str(data / "n" / "ckpt.pt"))
+    assert ckpt["step"] == 1 + 3 - 1  # one real update, then the skipped steps (the last one not yet counted)
