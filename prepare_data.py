@@ -1,0 +1,563 @@
+"""Tokenize text sources into flat token files for train.py: <out>/train.bin, val.bin and meta.json.
+
+Recommended invocations (offline, first `export TIKTOKEN_GPT2_FILE=../shared/data/gpt2.tiktoken`):
+  Gutenberg books, held-out authors as val:
+    python prepare_data.py --source ../shared/data/gutenberg/train.parquet \
+        --val-source ../shared/data/gutenberg/val.parquet --out data/gutenberg
+  shakespeare_char (nanoGPT parity; one document, so split 90/10 by characters):
+    python prepare_data.py --tokenizer char --source ../shared/data/tinyshakespeare/input.txt \
+        --val-fraction 0.1 --out data/shakespeare_char
+  85% FineWeb-Edu + 15% medical MCQ text (needs internet for the HF stream):
+    python prepare_data.py --hf HuggingFaceFW/fineweb-edu:0.85 --hf-config sample-10BT \
+        --source ../shared/data/medmcqa/questions.jsonl:0.15 --max-tokens 2000000000 --out data/fineweb_med
+  Speed check (prints pipeline vs raw tiktoken encode_ordinary_batch throughput; writes nothing in --out):
+    python prepare_data.py --source ../shared/data/gutenberg/train.parquet --bench
+
+Sources: --source PATH[:weight] (repeatable) is a .parquet file (column --text-column), a .jsonl file
+(field --text-column; or MedQA/MedMCQA/PubMedQA rows question/options/answer_idx -> tasks.format_mcq(...) + " X";
+or GSM8K rows question/answer -> "Question: q\nAnswer: a"), a .txt file (one document), or a folder of those.
+--hf NAME[:weight] streams a HuggingFace dataset instead (the usual route with internet).
+
+Mixture semantics. Without weights every source is used once, whole (--max-tokens then stops reading once
+the train split holds that many tokens). With weights (give one for every train source; they are normalised)
+a weight is the source's target fraction of the TRAIN split's tokens. The train split has T = --max-tokens
+tokens, or, without it, the largest T that needs no repetition (min over sources of tokens_i / weight_i).
+Each source then contributes weight_i * T tokens in whole documents: truncated if it has more, repeated
+(whole passes, then a prefix) if it has fewer. Sources are interleaved in ~1M-token runs so any stretch of
+train.bin, or any shard, has the mixture's proportions. Val documents are drawn per source with probability
+--val-fraction (seeded) and never repeated. Realised tokens per source are printed and stored in meta.json.
+
+Output: token ids as uint16 (uint32 if the vocab needs it), every document followed by EOS; with
+--shard-tokens N the splits are train_000.bin, train_001.bin, ... of at most N tokens each.
+meta.json: tokenizer, vocab_size, eos_id, dtype, chars (char only), splits.{train,val}.{files,tokens,
+documents,bytes} (bytes = UTF-8 bytes of the split's text, EOS excluded: tokens/bytes gives bits per byte),
+sources[...], args, inputs. Files are written under temporary names and renamed at the end, meta.json last.
+"""
+import argparse
+import glob
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+from tokenizer import get_tokenizer
+
+EXTS = (".parquet", ".jsonl", ".txt")
+TMP = ".tmp."  # prefix of every file a run writes before its final rename
+CHUNK = 1 << 20  # tokens per interleaved run of a mixture
+
+
+def die(msg):
+    raise SystemExit(f"prepare_data.py: error: {msg}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[1:]))
+    p.add_argument("--source", action="append", default=[], metavar="PATH[:weight]", help="parquet/jsonl/txt file or folder")
+    p.add_argument("--hf", metavar="NAME[:weight]", help="HuggingFace dataset streamed with datasets.load_dataset")
+    p.add_argument("--hf-config", help="HF dataset config, e.g. sample-10BT")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-max-docs", type=int, help="stop the HF stream after this many documents")
+    p.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 | char | path/to/tokenizer.json")
+    p.add_argument("--out", help="output folder, e.g. data/gutenberg")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents drawn into val")
+    p.add_argument("--val-source", metavar="PATH", help="use this whole source as the val split instead")
+    p.add_argument("--max-tokens", type=int, help="train split token budget")
+    p.add_argument("--shard-tokens", type=int, help="write train_000.bin ... of at most this many tokens")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="encoding threads (tokenizers release the GIL)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
+    p.add_argument("--bench", action="store_true", help="measure pipeline vs raw encode_ordinary_batch throughput")
+    args = p.parse_args(argv)
+    if not args.bench and not args.out:
+        p.error("--out is required")
+    if not args.source and not args.hf:
+        p.error("give at least one --source or --hf")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    return args
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+def split_weight(spec):
+    """'path:0.15' -> ('path', 0.15); a ':' not followed by a number belongs to the path."""
+    head, _, tail = spec.rpartition(":")
+    try:
+        return (head, float(tail)) if head else (spec, None)
+    except ValueError:
+        return spec, None
+
+
+def source_files(path):
+    if not os.path.exists(path):
+        die(f"source not found: {path}")
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(EXTS))
+        if not files:
+            die(f"no {'/'.join(EXTS)} files in folder {path}")
+        return files
+    if not path.endswith(EXTS):
+        die(f"unknown file type for {path}: expected {', '.join(EXTS)} or a folder of them")
+    return [path]
+
+
+def row_text(row, column, where):
+    """One jsonl row -> document text (plain text field, MCQ with its answer letter, or GSM8K worked solution)."""
+    from tasks import format_mcq
+    if column in row:
+        return row[column]
+    if {"question", "options", "answer_idx"} <= row.keys():
+        return format_mcq(row["question"], row["options"]) + " " + row["answer_idx"]
+    if {"question", "answer"} <= row.keys():
+        return f"Question: {row['question']}\nAnswer: {row['answer']}"
+    die(f"{where}: no '{column}' field and not a MedQA (question/options/answer_idx) or GSM8K (question/answer) row; "
+        f"fields are {sorted(row)}")
+
+
+def file_docs(path, column):
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        die(f"{path}:{i}: bad JSON ({e})")
+                    yield row_text(row, column, f"{path}:{i}")
+    else:
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=[column]):
+            yield from batch.column(0).to_pylist()
+
+
+def hf_docs(src, args, check=False):
+    try:
+        import datasets
+        ds = datasets.load_dataset(src["path"], args.hf_config, split=args.hf_split, streaming=True)
+        if check:
+            return
+        for i, row in enumerate(ds):
+            if args.hf_max_docs and i >= args.hf_max_docs:
+                break
+            yield row_text(row, args.text_column, f"{src['path']} row {i}")
+    except (SystemExit, GeneratorExit):
+        raise
+    except Exception as e:
+        die(f"could not stream HF dataset {src['path']} (no network? pip install datasets?): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def docs(src, args):
+    """Every non-empty document of a source, in a fixed order."""
+    it = hf_docs(src, args) if src["hf"] else itertools.chain.from_iterable(file_docs(f, args.text_column) for f in src["files"])
+    return (d for d in it if d)
+
+
+def check_source(src, args):
+    """Fail before anything is written: unreadable files, missing text column, unknown jsonl schema, no HF access."""
+    if src["hf"]:
+        return list(hf_docs(src, args, check=True))
+    for f in src["files"]:
+        if f.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            try:
+                names = pq.ParquetFile(f).schema_arrow.names
+            except Exception as e:
+                die(f"cannot read parquet {f}: {e}")
+            if args.text_column not in names:
+                die(f"{f} has no column '{args.text_column}' (columns: {', '.join(names)}); pick one with --text-column")
+        elif f.endswith(".jsonl"):
+            next(file_docs(f, args.text_column), None)  # the first row shows the schema
+
+
+def text_bytes_estimate(src, column):
+    """Rough UTF-8 size of a source's text, only for the progress bar's ETA."""
+    if src["hf"]:
+        return None
+    import pyarrow.parquet as pq
+    n = 0
+    for f in src["files"]:
+        if f.endswith(".parquet"):
+            md = pq.ParquetFile(f).metadata
+            i = md.schema.to_arrow_schema().get_field_index(column)
+            n += sum(md.row_group(g).column(i).total_uncompressed_size for g in range(md.num_row_groups))
+        else:
+            n += os.path.getsize(f)
+    return n
+
+
+def make_sources(args):
+    specs = [(p, w, False) for p, w in map(split_weight, args.source)]
+    if args.hf:
+        specs.append((*split_weight(args.hf), True))
+    if args.val_source:
+        specs.append((args.val_source, None, False))
+    sources = []
+    for i, (path, weight, hf) in enumerate(specs):
+        is_val = bool(args.val_source) and i == len(specs) - 1
+        name = path if hf else "/".join(os.path.normpath(path).split(os.sep)[-2:])
+        sources.append(dict(name=name, path=path, weight=weight, hf=hf, role="val" if is_val else "train",
+                            files=[] if hf else source_files(path)))
+    weights = [s["weight"] for s in sources if s["role"] == "train"]
+    if any(w is not None for w in weights) and (None in weights or min(weights) <= 0):
+        die(f"give a positive weight to every train source or to none (got {weights})")
+    for s in sources:
+        check_source(s, args)
+    return sources
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def groups(items, nbytes=1 << 20):
+    """Bundle documents into ~1 MB tasks: big enough to amortise the thread hand-off, small enough to balance."""
+    g, n = [], 0
+    for d in items:
+        g.append(d)
+        n += len(d)
+        if n >= nbytes:
+            yield g
+            g, n = [], 0
+    if g:
+        yield g
+
+
+def encode_stream(tok, texts, threads):
+    """(text, ids) in input order; groups are encoded on a thread pool while this thread reads ahead (bounded)."""
+    ex, q = ThreadPoolExecutor(threads), deque()
+    try:
+        for g in groups(texts):
+            q.append((g, ex.submit(tok.encode_arrays, g)))
+            if len(q) > 2 * threads:
+                g0, f = q.popleft()
+                yield from zip(g0, f.result())
+        while q:
+            g0, f = q.popleft()
+            yield from zip(g0, f.result())
+    finally:
+        ex.shutdown(cancel_futures=True)
+
+
+def tokenize_source(i, src, tok, args, dtype, out, val_f, cap, bar):
+    """Pass 1: a source's train documents -> its own temp file; its val documents -> the shared val temp file."""
+    it = docs(src, args)
+    first = list(itertools.islice(it, 2))
+    vf = 1.0 if src["role"] == "val" else 0.0 if args.val_source else args.val_fraction
+    rng = np.random.default_rng([args.seed, i])
+    if len(first) == 1 and 0 < vf < 1:  # one document (tinyshakespeare): split it by characters, nanoGPT style
+        cut = int(len(first[0]) * (1 - vf))
+        print(f"note: {src['name']} is a single document: first {1 - vf:.1%} of its characters -> train, rest -> val")
+        texts, draw = iter([first[0][:cut], first[0][cut:]]), iter([False, True]).__next__
+    else:
+        texts, draw = itertools.chain(first, it), lambda: rng.random() < vf
+    eos = np.array([tok.eos_id], dtype=dtype)
+    st = dict(lens=[], bytes=[], documents=0, val_tokens=0, val_documents=0, val_bytes=0,
+              tmp=os.path.join(out, f"{TMP}src{i}.bin"))
+    train_tokens, buf = 0, []
+    with open(st["tmp"], "wb") as f:
+        for text, ids in encode_stream(tok, texts, args.threads) if cap != 0 else ():
+            nbytes, n = len(text.encode("utf-8")), len(ids) + 1
+            st["documents"] += 1
+            if draw():
+                np.concatenate([ids.astype(dtype), eos]).tofile(val_f)
+                st["val_tokens"] += n
+                st["val_documents"] += 1
+                st["val_bytes"] += nbytes
+            else:
+                buf += [ids.astype(dtype), eos]
+                last = ids
+                st["lens"].append(n)
+                st["bytes"].append(nbytes)
+                train_tokens += n
+                if len(buf) > 4096:
+                    np.concatenate(buf).tofile(f)
+                    buf = []
+            bar.update(n)
+            bar.seen += nbytes
+            if bar.est and st["documents"] % 64 == 1:  # ETA: all the text at the tokens-per-byte seen so far
+                bar.total = int(min(bar.n * bar.est / bar.seen, bar.cap))
+            if cap is not None and train_tokens >= cap:
+                break
+        if buf:
+            np.concatenate(buf).tofile(f)
+        if 0 < vf < 1 and st["val_documents"] == 0 and len(st["lens"]) > 1:  # a small source still gives val one document
+            n, size = st["lens"].pop(), np.dtype(dtype).itemsize
+            f.truncate(f.seek(-n * size, os.SEEK_END))
+            np.concatenate([last.astype(dtype), eos]).tofile(val_f)
+            st["val_tokens"], st["val_documents"], st["val_bytes"] = n, 1, st["bytes"].pop()
+    st["lens"], st["bytes"] = np.array(st["lens"], dtype=np.int64), np.array(st["bytes"], dtype=np.int64)
+    return st
+
+
+# ----------------------------------------------------------------------------- mixing and writing
+
+def doc_runs(ends, stop):
+    """(start, end) token ranges covering [0, stop) in ~CHUNK runs cut at document ends."""
+    cuts = ends[np.searchsorted(ends, np.arange(CHUNK, stop, CHUNK))]
+    b = np.unique(np.concatenate([[0], cuts, [stop]]).astype(np.int64)).tolist()
+    return list(zip(b[:-1], b[1:]))
+
+
+def take(st, target):
+    """Whole passes over a source's train documents, then the documents whose midpoint fits the remainder."""
+    ends = np.cumsum(st["lens"])
+    total = int(ends[-1]) if len(ends) else 0
+    if total == 0 or target == 0:
+        return [], 0, 0, 0
+    reps, rest = divmod(target, total)
+    k = int(np.searchsorted(ends - st["lens"] / 2, rest, side="right"))
+    stop = int(ends[k - 1]) if k else 0
+    runs = doc_runs(ends, total) * reps + (doc_runs(ends, stop) if stop else [])
+    return runs, reps * total + stop, reps * len(ends) + k, int(reps * st["bytes"].sum() + st["bytes"][:k].sum())
+
+
+def interleave(runs):
+    """Next run always from the source furthest behind its own total: every stretch of the output is a fair mix."""
+    totals = [max(1, sum(e - s for s, e in r)) for r in runs]
+    pos, done = [0] * len(runs), [0] * len(runs)
+    while True:
+        live = [i for i in range(len(runs)) if pos[i] < len(runs[i])]
+        if not live:
+            return
+        i = min(live, key=lambda i: done[i] / totals[i])
+        s, e = runs[i][pos[i]]
+        pos[i] += 1
+        done[i] += e - s
+        yield i, s, e
+
+
+def write_split(out, split, chunks, dtype, shard_tokens):
+    """Token arrays -> <split>.bin, or <split>_000.bin ... of at most shard_tokens each (temp names); returns the file names."""
+    names, f, size = [], None, np.dtype(dtype).itemsize
+    try:
+        for a in chunks:
+            while len(a):
+                if f is None or (shard_tokens and f.tell() >= shard_tokens * size):
+                    if f:
+                        f.close()
+                    names.append(f"{split}_{len(names):03d}.bin" if shard_tokens else f"{split}.bin")
+                    f = open(os.path.join(out, TMP + names[-1]), "wb")
+                n = shard_tokens - f.tell() // size if shard_tokens else len(a)
+                np.asarray(a[:n], dtype=dtype).tofile(f)
+                a = a[n:]
+        if f is None:  # an empty split still gets its (empty) file
+            names.append(f"{split}_000.bin" if shard_tokens else f"{split}.bin")
+            open(os.path.join(out, TMP + names[-1]), "wb").close()
+    finally:
+        if f:
+            f.close()
+    return names
+
+
+def token_dtype(vocab_size):
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"  # ids run 0..vocab_size-1
+
+
+def run_args(args):
+    """The arguments that decide the output (not --out, --overwrite, --bench, --threads)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "bench", "threads")}
+
+
+def input_sizes(sources, args):
+    files = [f for s in sources for f in s["files"]]
+    files += [args.tokenizer] if args.tokenizer not in ("gpt2", "char") else []
+    return {f: os.path.getsize(f) for f in files}
+
+
+def check_out(args, sources):
+    """Returns True when --out already holds exactly this dataset; stops when it holds another one."""
+    mpath = os.path.join(args.out, "meta.json")
+    old = json.load(open(mpath)) if os.path.exists(mpath) else None
+    if old and old.get("args") == run_args(args) and old.get("inputs") == input_sizes(sources, args) and all(
+            os.path.exists(os.path.join(args.out, f)) for s in old["splits"].values() for f in s["files"]):
+        return True
+    stray = glob.glob(os.path.join(args.out, "train*.bin")) + glob.glob(os.path.join(args.out, "val*.bin"))
+    if (old or stray) and not args.overwrite:
+        if old:
+            new = run_args(args)
+            diff = sorted(k for k in set(new) | set(old.get("args", {})) if new.get(k) != old.get("args", {}).get(k))
+            why = f"args differ: {', '.join(diff)}" if diff else "input files changed size"
+        else:
+            why = ".bin files but no meta.json: an interrupted run?"
+        die(f"{args.out} already holds a different dataset ({why}); pass --overwrite to replace it")
+    return False
+
+
+def prepare(args, quiet=False):
+    """Build the dataset in args.out; returns its meta dict."""
+    sources = make_sources(args)
+    try:
+        tok = get_tokenizer(args.tokenizer, chars=[] if args.tokenizer == "char" else None)
+    except (RuntimeError, ValueError) as e:
+        die(str(e))
+    if os.path.isdir(args.out) and check_out(args, sources):
+        print(f"{args.out} is up to date (same arguments and input sizes); nothing to do")
+        return json.load(open(os.path.join(args.out, "meta.json")))
+    if tok.name == "char":  # the vocabulary is every character the sources use
+        tok = get_tokenizer("char", sorted(set().union(*(set(d) for s in sources for d in docs(s, args)))))
+    dtype = token_dtype(tok.vocab_size)
+    made_dir = not os.path.isdir(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        meta = build(args, sources, tok, dtype, quiet)
+    except BaseException:
+        for f in glob.glob(os.path.join(args.out, TMP + "*")):
+            os.remove(f)
+        if made_dir and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
+    return meta
+
+
+def build(args, sources, tok, dtype, quiet):
+    out, train = args.out, [s for s in sources if s["role"] == "train"]
+    weights = None if train[0]["weight"] is None else np.array([s["weight"] for s in train]) / sum(s["weight"] for s in train)
+    est = [text_bytes_estimate(s, args.text_column) for s in sources]
+    bar = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=quiet, mininterval=0.5)
+    bar.est, bar.seen = None if None in est else sum(est), 0
+    bar.cap = args.max_tokens / (1 - args.val_fraction) if args.max_tokens and not args.val_source else float("inf")
+    stats, t0, budget = [], time.time(), args.max_tokens
+    with open(os.path.join(out, TMP + "val.raw"), "wb") as val_f:
+        for i, s in enumerate(sources):
+            cap = None
+            if s["role"] == "train" and budget is not None:  # stop reading once this source's share is there
+                cap = max(0, budget - sum(int(x["lens"].sum()) for x in stats)) if weights is None else int(np.ceil(weights[i] * budget))
+            stats.append(tokenize_source(i, s, tok, args, dtype, out, val_f, cap, bar))
+    bar.total = bar.n
+    bar.close()
+    tstats = [st for st, s in zip(stats, sources) if s["role"] == "train"]
+    natural = [int(st["lens"].sum()) for st in tstats]
+    for s, n in zip(train, natural):
+        if n == 0 and (weights is not None or len(train) == 1):
+            die(f"source {s['name']} has no train documents")
+    if weights is None:
+        targets = natural
+    else:
+        total = args.max_tokens or min(n / w for n, w in zip(natural, weights))
+        targets = [int(round(w * total)) for w in weights]
+    taken = [take(st, t) for st, t in zip(tstats, targets)]
+    mms = [np.memmap(st["tmp"], dtype=dtype, mode="r") if st["lens"].size else None for st in tstats]
+    files = {"train": write_split(out, "train", (mms[i][s:e] for i, s, e in interleave([t[0] for t in taken])), dtype, args.shard_tokens)}
+    val = np.memmap(os.path.join(out, TMP + "val.raw"), dtype=dtype, mode="r") if os.path.getsize(os.path.join(out, TMP + "val.raw")) else np.zeros(0, dtype)
+    files["val"] = write_split(out, "val", (val[i:i + CHUNK] for i in range(0, len(val), CHUNK)), dtype, args.shard_tokens)
+    del mms, val
+    elapsed = time.time() - t0
+
+    splits = {"train": dict(files=files["train"], tokens=sum(t[1] for t in taken), documents=sum(t[2] for t in taken), bytes=sum(t[3] for t in taken)),
+              "val": dict(files=files["val"], tokens=sum(st["val_tokens"] for st in stats), documents=sum(st["val_documents"] for st in stats),
+                          bytes=sum(st["val_bytes"] for st in stats))}
+    if splits["val"]["tokens"] == 0 and (args.val_fraction > 0 or args.val_source):
+        print("warning: the val split is empty (too few documents for --val-fraction?)")
+    meta_sources, per_train = [], iter(zip(taken, natural))
+    for s, st in zip(sources, stats):
+        (_, tt, td, _), nat = next(per_train) if s["role"] == "train" else ((None, 0, 0, 0), 0)
+        meta_sources.append(dict(name=s["name"], path=s["path"], role=s["role"], weight=s["weight"], documents=st["documents"],
+                                 train_tokens=tt, train_documents=td, val_tokens=st["val_tokens"], val_documents=st["val_documents"],
+                                 fraction=round(tt / max(1, splits["train"]["tokens"]), 6), epochs=round(tt / nat, 4) if nat else 0.0))
+    meta = dict(tokenizer=args.tokenizer, vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype)
+    if tok.name == "char":
+        meta["chars"] = tok.chars
+    meta.update(splits=splits, sources=meta_sources, args=run_args(args), inputs=input_sizes(sources, args),
+                seconds=round(elapsed, 2))
+    names = files["train"] + files["val"]
+    if args.tokenizer not in ("gpt2", "char"):  # keep a copy so the dataset carries its tokenizer
+        shutil.copyfile(args.tokenizer, os.path.join(out, TMP + "tokenizer.json"))
+        names.append("tokenizer.json")
+    if not quiet:
+        for m in meta_sources:
+            print(f"{m['name']:<36s} ({m['role']}) {m['documents']:>9,d} docs -> train {m['train_tokens']:>13,d} tok "
+                  f"({m['fraction']:.1%} of train, {m['epochs']:g} epochs), val {m['val_tokens']:>11,d} tok")
+        for k, v in splits.items():
+            print(f"{k}: {v['tokens']:,d} tokens, {v['documents']:,d} documents, {v['bytes']:,d} bytes -> {', '.join(v['files'])}")
+    commit(out, names, meta)
+    if not quiet:
+        print(f"wrote {out} in {elapsed:.1f}s ({(splits['train']['tokens'] + splits['val']['tokens']) / max(elapsed, 1e-9) / 1e6:.2f}M tokens/s)")
+    return meta
+
+
+def commit(out, names, meta):
+    """Swap the new files in: old meta.json first goes (a half-done swap reads as 'no dataset'), new meta.json last."""
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
+    for n in names:
+        os.replace(os.path.join(out, TMP + n), os.path.join(out, n))
+    for f in glob.glob(os.path.join(out, "train*.bin")) + glob.glob(os.path.join(out, "val*.bin")) + [os.path.join(out, "tokenizer.json")]:
+        if os.path.exists(f) and os.path.basename(f) not in names:  # leftovers of an older dataset (e.g. more shards)
+            os.remove(f)
+    for f in glob.glob(os.path.join(out, TMP + "*")):
+        os.remove(f)
+    with open(os.path.join(out, TMP + "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out, TMP + "meta.json"), os.path.join(out, "meta.json"))
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _mp_init(name):
+    global _mp_tok
+    _mp_tok = get_tokenizer(name)
+
+
+def _mp_encode(texts):
+    return sum(len(a) for a in _mp_tok.encode_arrays(texts))
+
+
+def bench(args, rounds=5):
+    """Raw tok.encode_batch (tiktoken's encode_ordinary_batch for gpt2) on documents already in memory vs the
+    whole pipeline (read from disk, encode, write) on the same documents, rounds interleaved; best of each."""
+    import multiprocessing as mp
+    args.val_source, args.overwrite = None, True
+    sources = make_sources(args)
+    texts = [d for s in sources for d in docs(s, args)]
+    tok = get_tokenizer(args.tokenizer, sorted(set().union(*map(set, texts))) if args.tokenizer == "char" else None)
+    n = sum(map(len, tok.encode_batch(texts)))
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    print(f"bench: {len(texts):,d} documents, {mb:.1f} MB, {n:,d} tokens, {args.threads} threads, {os.cpu_count()} cores, {rounds} rounds")
+    raw, pipe, proc = [], [], []
+    with tempfile.TemporaryDirectory() as d:
+        args.out = os.path.join(d, "ds")
+        for r in range(rounds):
+            t = time.time()
+            tok.encode_batch(texts)
+            raw.append(time.time() - t)
+            shutil.rmtree(args.out, ignore_errors=True)  # else the second round is "up to date"
+            t = time.time()
+            prepare(args, quiet=True)
+            pipe.append(time.time() - t)
+            if args.tokenizer != "char":  # the alternative to threads: a process pool on ~1 MB groups
+                t = time.time()
+                with mp.Pool(args.threads, _mp_init, (args.tokenizer,)) as pool:
+                    assert sum(pool.imap(_mp_encode, groups(texts))) == n
+                proc.append(time.time() - t)
+    fmt = lambda ts: f"{n / min(ts) / 1e6:.2f}M tok/s (best; median {n / statistics.median(ts) / 1e6:.2f}M)"
+    print(f"raw encode_batch (in memory)      : {fmt(raw)}")
+    if proc:
+        print(f"process pool encode (in memory)   : {fmt(proc)}")
+    print(f"prepare_data pipeline (disk->disk): {fmt(pipe)}")
+    print(f"pipeline / raw = {min(raw) / min(pipe):.2f} (best vs best), {statistics.median(raw) / statistics.median(pipe):.2f} (median vs median)")
+    return min(raw) / min(pipe)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench:
+        bench(args)
+    else:
+        prepare(args)
+
+
+if __name__ == "__main__":
+    main()
