@@ -53,24 +53,23 @@ def model_from_checkpoint(ckpt, device="cpu"):
 GPT2_TOKENIZER_SHA256 = "0fe5cf15f4554236dcaf74ee007f079a6a48b179f1c8c1ceaa18fb04c422264e"  # sha256 of GPT-2's vocab + merges, as below
 
 
-def _hf_tokenizer_entry(folder, eos_fallback):
+def _hf_tokenizer_entry(folder):
     """The checkpoint's "tokenizer" entry for the folder's tokenizer.json: "gpt2" when it is exactly GPT-2's BPE
-    (so GPT-2 data prepared with tiktoken matches it), else the file's path; None when the folder has none."""
+    (so data prepared with tiktoken matches it), else the file's path; None when the folder has none."""
     import hashlib
     import json
-    from tokenizer import EOS_NAMES
+    from tokenizer import hf_tokenizer
     path = os.path.join(os.path.abspath(folder), "tokenizer.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        tj = json.load(f)
-    vocab = dict(tj["model"].get("vocab") or {})
-    vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
-    digest = hashlib.sha256(json.dumps([sorted(tj["model"].get("vocab", {}).items()), merges], ensure_ascii=False).encode()).hexdigest()
-    eos_id = next((vocab[n] for n in EOS_NAMES if n in vocab), eos_fallback)  # tokenizer.py's rule, then config.json's
-    name = "gpt2" if digest == GPT2_TOKENIZER_SHA256 else path
-    return {"tokenizer": name, "vocab_size": max(vocab.values()) + 1, "eos_id": eos_id}
+        bpe = json.load(f)["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    digest = hashlib.sha256(json.dumps([sorted(bpe.get("vocab", {}).items()), merges], ensure_ascii=False).encode()).hexdigest()
+    if digest == GPT2_TOKENIZER_SHA256:
+        return {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}
+    tok = hf_tokenizer(path)  # the vocab size and EOS that tokenizer.load_tokenizer will check against
+    return {"tokenizer": path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
 
 
 def load_hf_folder(folder):
@@ -135,8 +134,7 @@ def load_hf_folder(folder):
     ckpt = {"model_config": asdict(cfg), "model": state, "optimizer": None, "step": 0, "tokens_seen": 0,
             "data_state": None, "rng": None, "config": {"init_from": os.path.abspath(folder)}, "best_val_loss": float("inf"),
             "kind": "hf"}
-    eos = hc.get("eos_token_id")
-    tok = _hf_tokenizer_entry(folder, eos[0] if isinstance(eos, list) else eos)
+    tok = _hf_tokenizer_entry(folder)
     if tok is not None:  # no key at all when the folder has no tokenizer: the data's tokenizer decides
         ckpt["tokenizer"] = tok
     return ckpt

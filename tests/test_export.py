@@ -149,6 +149,23 @@ def test_load_hf_folder_refusals(tmp_path):
         load_hf_folder(str(tmp_path))
 
 
+def test_custom_tokenizer_json_is_copied_and_read_back(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizer import load_tokenizer
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["the patient presents with fever and cough"] * 50, trainer)
+    path = str(tmp_path / "tok.json")
+    tk.save(path)
+    entry = {"tokenizer": path, "vocab_size": tk.get_vocab_size(), "eos_id": tk.token_to_id("<|endoftext|>")}
+    out = export(write_ckpt(tmp_path / "ckpt.pt", tiny(), entry), str(tmp_path / "hf"))
+    back = load_hf_folder(out)["tokenizer"]
+    assert back == {**entry, "tokenizer": os.path.join(out, "tokenizer.json")}
+    assert load_tokenizer(back).encode("the fever") == load_tokenizer(entry).encode("the fever")
+
+
 @pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason=f"{GPT2_FILE} not found: the GPT-2 tokenizer test needs tiktoken's ranks offline")
 def test_gpt2_tokenizer_encodes_like_tiktoken(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_GPT2_FILE", GPT2_FILE)
