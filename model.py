@@ -19,6 +19,8 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION = "sdpa"  # "sdpa": torch SDPA (cuDNN backend first on Hopper); "flash": the flash-attn package
 PRECISION = "bf16"  # "bf16": bf16 autocast over fp32 master weights; "fp8": FP8 matmuls in the blocks (fp8.py)
 LOSS_CHUNK_ROWS = 8192  # rows of logits made at once by the loss: 8192 x 50304 fp32 = 1.6 GB, never B x T x V
+DSA_IMPL = "mask"  # DSA's selected-key attention: "mask" (selection as a mask for dense SDPA) | "gather" (O(T k))
+DSA_CHUNK_ELEMS = 1 << 26  # DSA works on query chunks of at most this many T x S score elements (256 MB in fp32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,6 +40,13 @@ class GPTConfig:
     embed_rank: int = 0  # >0: factorized embeddings V x r then r x d (seed 002 uses r=128)
     dropout: float = 0.0
     checkpoint_activations: bool = False  # recompute each block in backward: less memory, ~25% more compute
+    # DeepSeek Sparse Attention (the DSA section below); dsa_top_k = 0 is plain dense attention, no indexer
+    dsa_top_k: int = 0  # keys each query attends to, chosen by the lightning indexer
+    dsa_stage: str = "sparse"  # "warmup": dense attention, the indexer learns it | "sparse": top-k attention
+    dsa_heads: int = 4  # indexer query heads (DeepSeek: 64 on a 7168-wide model)
+    dsa_head_dim: int = 32  # indexer head size (DeepSeek: 128)
+    dsa_rope_dim: int = 16  # indexer dims that get RoPE, the first ones (DeepSeek: 64 of 128)
+    dsa_loss_weight: float = 1.0  # weight of the indexer's KL loss beside the LM loss
 
 
 # The seed's table; KV heads = heads / 4, SwiGLU hidden a multiple of 32 near 2.75 x d.
@@ -138,6 +147,194 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
     return y.transpose(1, 2)
 
 
+# ---------------------------------------------------------------------------------------------
+# DeepSeek Sparse Attention (DSA; DeepSeek-V3.2-Exp report, section 2.1), adapted to grouped-query attention.
+#
+# A small "lightning indexer" per layer scores every visible key s for each query t,
+#     I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]),
+# with dsa_heads small query heads q[t, j], one key k[s] shared by them all (MQA style, RoPE on its first
+# dsa_rope_dim dims) and per-head weights w[t, j], all projected from the layer's normed input. Every head of
+# query t then attends only to the dsa_top_k keys of highest I[t, :]. Rows t < top_k have fewer visible keys
+# than top_k and pick masked slots too, so the causal mask is applied again after the selection; top_k >= T
+# selects every visible key and is exactly dense attention.
+#
+# Training, two stages (config/dsa_warmup.py, then config/dsa_sparse.py, each from the previous checkpoint):
+#   "warmup": attention stays dense and only the indexer trains (train.py's trainable="indexer"), on
+#       L_I = KL(p[t, :] || softmax(I[t, :])), p = the main attention summed over heads and L1-normalised;
+#   "sparse": attention uses the selection, everything trains, and L_I is the same KL over the selected keys.
+# The indexer reads a detached input and p is detached, so L_I never reaches the main model; top-k indices
+# carry no gradient, so the LM loss never reaches the indexer. L_I is averaged over tokens and layers (the
+# report sums over tokens): the same minimiser, at a scale that does not grow with the batch.
+#
+# Cost: the indexer is quadratic too (T x S scores) but narrow (4 x 32 against 16 x 72 at medium-large), and
+# it runs in bf16 here where DeepSeek uses FP8. DSA_IMPL picks how the selected keys are attended: "mask" makes
+# the selection a boolean mask for SDPA (exact and simple, but it pays for dense attention and more: for
+# training at T <= 4k); "gather" gathers each query's k keys and values (O(T k) work and memory). A fused
+# kernel that streams the selected rows (as DeepSeek's FlashMLA sparse kernels do) belongs in gather_attend.
+class Indexer(nn.Module):
+    """The lightning indexer of one layer. Its parameter names all contain "indexer" (train.py freezes by name)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.dsa_stage not in ("warmup", "sparse"):
+            raise ValueError(f"unknown dsa_stage={cfg.dsa_stage!r}; use 'warmup' or 'sparse'")
+        if cfg.dsa_rope_dim % 2 or not 0 < cfg.dsa_rope_dim <= cfg.dsa_head_dim:
+            raise ValueError(f"dsa_rope_dim={cfg.dsa_rope_dim} must be even and in 2..dsa_head_dim ({cfg.dsa_head_dim})")
+        self.heads, self.head_dim, self.rope_dim = cfg.dsa_heads, cfg.dsa_head_dim, cfg.dsa_rope_dim
+        self.wq = nn.Linear(cfg.n_embd, cfg.dsa_heads * cfg.dsa_head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, cfg.dsa_head_dim, bias=False)
+        self.k_norm = RMSNorm(cfg.dsa_head_dim, cfg.norm_eps)  # the report's indexer normalises its key (LayerNorm)
+        self.w = nn.Linear(cfg.n_embd, cfg.dsa_heads, bias=False)
+
+    def forward(self, x, cos, sin):
+        """x (B, T, d): the layer's normed input, detached. Returns q (B, T, H_I, D_I), k (B, T, D_I), w (B, T, H_I)."""
+        B, T, _ = x.shape
+        r = self.rope_dim
+        q = self.wq(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_norm(self.wk(x)).view(B, T, 1, self.head_dim)
+        q = torch.cat([apply_rope(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+        w = self.w(x) * (self.heads * self.head_dim) ** -0.5  # DeepSeek's code: 1/sqrt(H_I) times the 1/sqrt(D_I) scale
+        return q, k[:, :, 0], w
+
+
+def _row_chunks(T, elems_per_row):
+    step = max(1, DSA_CHUNK_ELEMS // max(1, elems_per_row))
+    return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
+
+
+def _allowed(mask, t0, t1, S, device):
+    """Keys that queries t0..t1 may see, (B or 1, t1 - t0, S): causal (no cache: query t is key t) or the cache's mask."""
+    if mask is None:
+        return torch.arange(S, device=device)[None, None, :] <= torch.arange(t0, t1, device=device)[None, :, None]
+    return mask[:, 0, t0:t1]
+
+
+def _keep(idx, valid, t0, t1, S, device):
+    """Keys kept for queries t0..t1: all causal ones (warm-up, idx None) or the selected valid ones."""
+    if idx is None:
+        return _allowed(None, t0, t1, S, device)
+    i = idx[:, t0:t1]
+    return torch.zeros(i.shape[:2] + (S,), dtype=torch.bool, device=device).scatter_(-1, i, valid[:, t0:t1])
+
+
+def index_scores(iq, ik, iw):
+    """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]). iq (B, T, H_I, D_I), ik (B, S, D_I), iw (B, T, H_I) -> (B, T, S) fp32."""
+    return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", iq, ik).relu(), iw).float()
+
+
+@torch.no_grad()
+def select_topk(iq, ik, iw, top_k, mask=None):
+    """Each query's top_k keys by index score among those it may see (mask: None = causal, or the cache's).
+    Returns idx (B, T, K) and valid (B, T, K) with K = min(top_k, S); valid is False on the masked slots that a
+    row with fewer than K visible keys had to pick: the causal mask again, after the selection."""
+    B, T, HI, _ = iq.shape
+    S = ik.shape[1]
+    idx, valid = [], []
+    for t0, t1 in _row_chunks(T, B * HI * S):
+        ok = _allowed(mask, t0, t1, S, iq.device).expand(B, -1, -1)
+        scores = index_scores(iq[:, t0:t1], ik, iw[:, t0:t1]).masked_fill(~ok, float("-inf"))
+        i = scores.topk(min(top_k, S), dim=-1, sorted=False).indices
+        idx.append(i)
+        valid.append(ok.gather(-1, i))
+    return torch.cat(idx, 1), torch.cat(valid, 1)
+
+
+def masked_attend(q, k, v, keep, dropout_p=0.0):
+    """SDPA under a boolean mask keep (B, T, S). K/V heads are repeated to the query heads: SDPA's kernel for
+    arbitrary masks (memory-efficient) takes no grouped K/V, and without it SDPA falls back to its slow math path."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if k.shape[1] != q.shape[1]:
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], dropout_p=dropout_p)
+    return y.transpose(1, 2)
+
+
+def _gather_attend_chunk(q, k, v, idx, valid):
+    B, Tc, H, D = q.shape
+    S, Hkv, K = k.shape[1], k.shape[2], idx.shape[-1]
+    rows = (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
+    ks = k.reshape(B * S, Hkv, D)[rows].view(B, Tc, K, Hkv, D)
+    vs = v.reshape(B * S, Hkv, D)[rows].view(B, Tc, K, Hkv, D)
+    scores = torch.einsum("btngd,btknd->btngk", q.view(B, Tc, Hkv, H // Hkv, D), ks).float() * D ** -0.5
+    scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key (left padding) gives 0, as SDPA
+    return torch.einsum("btngk,btknd->btngd", probs.to(vs.dtype), vs).reshape(B, Tc, H, D)
+
+
+def gather_attend(q, k, v, idx, valid):
+    """Each query over its K selected keys, by gathering them: O(T K) work and memory, in query chunks that are
+    recomputed in backward so one chunk's gathered K/V is alive at a time. The place for a fused kernel."""
+    B, T, H, D = q.shape
+    outs = []
+    for t0, t1 in _row_chunks(T, B * idx.shape[-1] * (k.shape[2] * D * 2 + H)):
+        args = (q[:, t0:t1], k, v, idx[:, t0:t1], valid[:, t0:t1])
+        outs.append(checkpoint(_gather_attend_chunk, *args, use_reentrant=False) if torch.is_grad_enabled()
+                    else _gather_attend_chunk(*args))
+    return torch.cat(outs, dim=1)
+
+
+def sparse_attend(q, k, v, idx, valid, dropout_p=0.0):
+    """Attention of each query over its selected keys only. q (B, T, H, D); k, v (B, S, Hkv, D); idx, valid (B, T, K)."""
+    if DSA_IMPL == "mask":
+        B, T, S = q.shape[0], q.shape[1], k.shape[1]
+        keep = torch.zeros(B, T, S, dtype=torch.bool, device=q.device).scatter_(-1, idx, valid)
+        return masked_attend(q, k, v, keep, dropout_p)
+    if DSA_IMPL == "gather":
+        if dropout_p:
+            raise ValueError("DSA_IMPL='gather' has no attention dropout: set dropout=0.0 or use DSA_IMPL='mask'")
+        return gather_attend(q, k, v, idx, valid)
+    raise ValueError(f"unknown DSA_IMPL={DSA_IMPL!r}; use 'mask' or 'gather'")
+
+
+@torch.no_grad()
+def attention_probs(q, k, keep):
+    """The indexer's target p: the main attention's distribution summed over heads, L1-normalised (= their mean).
+    q (B, Tc, H, D), k (B, S, Hkv, D), keep (B or 1, Tc, S) bool -> (B, Tc, S). SDPA never returns it."""
+    B, Tc, H, D = q.shape
+    Hkv = k.shape[2]
+    scores = torch.einsum("btngd,bsnd->btngs", q.view(B, Tc, Hkv, H // Hkv, D), k).float() * D ** -0.5
+    return scores.masked_fill(~keep[:, :, None, None], float("-inf")).softmax(dim=-1).mean(dim=(2, 3))
+
+
+class IndexerKL(torch.autograd.Function):
+    """sum over queries t of KL(p[t, :] || softmax(I[t, :])) over the keys each query keeps (all causal ones, or
+    the selected ones), with its gradient made in the forward pass a chunk of queries at a time, as
+    LinearCrossEntropy does: no pass holds more than one chunk of T x S scores and nothing T x S waits for
+    backward. p comes from the main attention's q, k, passed detached; gradients go to iq, ik, iw only."""
+
+    @staticmethod
+    def forward(ctx, iq, ik, iw, q, k, idx, valid, want_grad):
+        B, T, HI, _ = iq.shape
+        S = ik.shape[1]
+        ctx.dtypes = (iq.dtype, ik.dtype, iw.dtype)
+        with torch.autocast(iq.device.type, enabled=False):  # float32: a KL between sharp distributions
+            iq, ik, iw, q, k = iq.float(), ik.float(), iw.float(), q.float(), k.float()
+            loss = torch.zeros((), device=iq.device)
+            grad_q, grad_k, grad_w = torch.zeros_like(iq), torch.zeros_like(ik), torch.zeros_like(iw)
+            for t0, t1 in _row_chunks(T, B * max(HI, q.shape[2]) * S):
+                keep = _keep(idx, valid, t0, t1, S, iq.device)
+                p = attention_probs(q[:, t0:t1], k, keep)
+                dots = torch.einsum("bthd,bsd->bths", iq[:, t0:t1], ik)
+                relu = dots.relu()
+                scores = torch.einsum("bths,bth->bts", relu, iw[:, t0:t1])
+                logq = scores.masked_fill(~keep, float("-inf")).log_softmax(dim=-1)
+                loss += (torch.xlogy(p, p) - p * logq.masked_fill(~keep, 0.0)).sum()
+                if want_grad:
+                    g = logq.exp() - p  # d KL / d I = softmax(I) - p on the kept keys, 0 elsewhere
+                    grad_w[:, t0:t1] = torch.einsum("bts,bths->bth", g, relu)
+                    g = g[:, :, None] * iw[:, t0:t1, :, None] * (dots > 0)  # d KL / d (q . k)
+                    grad_q[:, t0:t1] = torch.einsum("bths,bsd->bthd", g, ik)
+                    grad_k += torch.einsum("bths,bthd->bsd", g, iq[:, t0:t1])
+        ctx.save_for_backward(grad_q, grad_k, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [(g * grad_out).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        return *grads, None, None, None, None, None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -148,8 +345,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.dropout = cfg.dropout
+        self.indexer = Indexer(cfg) if cfg.dsa_top_k else None  # DSA; absent when dense, so dense checkpoints stay as they are
+        self.dsa_top_k, self.dsa_stage = cfg.dsa_top_k, cfg.dsa_stage
+        self.indexer_loss = None  # L_I of the last forward that asked for it (GPT.losses collects it)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, irope=None, indexer_loss=False):
         B, T, _ = x.shape
         hq, hkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([hq, hkv, hkv], dim=-1)
@@ -159,8 +359,27 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.indexer is None or (self.dsa_stage == "warmup" and not indexer_loss):
+            y = attend(q, k, v, mask, dropout_p)
+        else:
+            y = self.sparse(x, q, k, v, cache, layer, mask, irope, indexer_loss, dropout_p)
         return F.dropout(self.proj(y.reshape(B, T, hq)), self.dropout, self.training)
+
+    def sparse(self, x, q, k, v, cache, layer, mask, irope, indexer_loss, dropout_p):
+        """DSA: the indexer, the top-k selection (sparse stage) and the indexer's KL loss (when asked, no cache)."""
+        iq, ik, iw = self.indexer(x.detach(), *irope)  # detached input: L_I never reaches the main model
+        if cache is not None:
+            ik = cache.update_indexer(layer, ik)
+        sel = select_topk(iq, ik, iw, self.dsa_top_k, mask) if self.dsa_stage == "sparse" else (None, None)
+        if indexer_loss:
+            assert cache is None, "the indexer loss is for training forwards, without a KV cache"
+            want_grad = torch.is_grad_enabled() and iq.requires_grad
+            kl = IndexerKL.apply(iq, ik, iw, q.detach(), k.detach(), *sel, want_grad)  # p from detached q, k
+            self.indexer_loss = kl / (x.shape[0] * x.shape[1])
+        if sel[0] is None:
+            return attend(q, k, v, mask, dropout_p)
+        return sparse_attend(q, k, v, *sel, dropout_p)
 
 
 class MLP(nn.Module):
@@ -183,8 +402,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, irope=None, indexer_loss=False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask, irope, indexer_loss)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -231,6 +450,8 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # DSA: the indexer's one key per token, kept like K/V so each new token scores every cached one
+        self.ik = torch.zeros(shape[:3] + (cfg.dsa_head_dim,), dtype=dtype, device=device) if cfg.dsa_top_k else None
         self.pad = pad.to(device)
         self.slots = torch.arange(max_len, device=device)
         self.pos = 0  # next slot to write
@@ -240,6 +461,10 @@ class KVCache:
         self.k[layer, :, self.pos:self.pos + T] = k
         self.v[layer, :, self.pos:self.pos + T] = v
         return self.k[layer], self.v[layer]
+
+    def update_indexer(self, layer, ik):
+        self.ik[layer, :, self.pos:self.pos + ik.shape[1]] = ik
+        return self.ik[layer]
 
     def mask_and_positions(self, T):
         q_slots = self.slots[self.pos:self.pos + T]
@@ -262,6 +487,11 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.dsa_top_k:  # the DSA indexer's RoPE, over its first dsa_rope_dim dims
+            cos, sin = rope_tables(cfg.dsa_rope_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("dsa_rope_cos", cos, persistent=False)
+            self.register_buffer("dsa_rope_sin", sin, persistent=False)
+        self.last_losses = {}  # DSA: {"lm", "indexer"} of the last forward with targets, detached, for logging
         if PRECISION not in ("bf16", "fp8"):
             raise ValueError(f"unknown PRECISION={PRECISION!r}; use 'bf16' or 'fp8'")
         if PRECISION == "fp8":
@@ -293,8 +523,9 @@ class GPT(nn.Module):
     def head_weight(self):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, idx, cache=None):
-        """Final-norm hidden states (B, T, d) and, for the head, their projection when embeddings are factorized."""
+    def hidden(self, idx, cache=None, indexer_loss=False):
+        """Final-norm hidden states (B, T, d) and, for the head, their projection when embeddings are factorized.
+        indexer_loss: DSA layers also compute their indexer's KL loss (GPT.losses collects it)."""
         B, T = idx.shape
         if cache is None:
             if T > self.cfg.block_size:
@@ -305,15 +536,19 @@ class GPT(nn.Module):
                 raise ValueError(f"generation would pass the model's context ({self.cfg.block_size} tokens)")
             mask, positions = cache.mask_and_positions(T)
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
+        irope = None
+        if self.cfg.dsa_top_k:  # the indexer's RoPE tables at the same positions
+            pos = torch.arange(T, device=idx.device)[None] if cache is None else positions
+            irope = (self.dsa_rope_cos[pos][:, :, None], self.dsa_rope_sin[pos][:, :, None])
         x = self.wte(idx)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for i, block in enumerate(self.blocks):
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, i, None, irope, indexer_loss, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, i, mask)
+                x = block(x, cos, sin, cache, i, mask, irope, indexer_loss)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
@@ -323,10 +558,26 @@ class GPT(nn.Module):
         return F.linear(h, self.head_weight()).float()
 
     def forward(self, idx, targets=None):
-        """Without targets: float32 logits (B, T, V). With targets (-1 = ignore): mean cross-entropy."""
-        h = self.hidden(idx)
+        """Without targets: float32 logits (B, T, V). With targets (-1 = ignore): mean cross-entropy.
+        With DSA on (dsa_top_k > 0) and targets: in training mode the objective lm + dsa_loss_weight * L_I, in eval
+        mode the LM loss alone; self.last_losses holds both, detached."""
         if targets is None:
-            return self.logits(h)
+            return self.logits(self.hidden(idx))
+        lm, indexer = self.losses(idx, targets)
+        if indexer is None:
+            return lm
+        self.last_losses = {"lm": lm.detach(), "indexer": indexer.detach()}
+        return lm + self.cfg.dsa_loss_weight * indexer if self.training else lm
+
+    def losses(self, idx, targets):
+        """(mean cross-entropy, DSA indexer loss L_I averaged over tokens and layers, or None when DSA is off)."""
+        dsa = self.cfg.dsa_top_k > 0
+        h = self.hidden(idx, indexer_loss=dsa)
+        indexer = None
+        if dsa:
+            indexer = sum(b.attn.indexer_loss for b in self.blocks) / len(self.blocks)
+            for b in self.blocks:
+                b.attn.indexer_loss = None
         w = self.head_weight()
         if torch.is_autocast_enabled(h.device.type):  # run the head in the autocast dtype, as a Linear would
             dt = torch.get_autocast_dtype(h.device.type)
@@ -334,7 +585,7 @@ class GPT(nn.Module):
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         with torch.autocast(h.device.type, enabled=False):
             loss_sum = LinearCrossEntropy.apply(h, w, targets)
-        return loss_sum / (targets >= 0).sum().clamp(min=1)
+        return loss_sum / (targets >= 0).sum().clamp(min=1), indexer
 
     @torch.no_grad()
     def token_stats(self, idx, targets):
@@ -434,6 +685,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 def hf_config_dict(cfg):
     if cfg.embed_rank:
         raise ValueError("factorized embeddings (embed_rank > 0) have no Qwen3 equivalent; export refuses them")
+    if cfg.dsa_top_k:  # exporting would drop the indexer and silently turn the model dense
+        raise ValueError("DSA (dsa_top_k > 0) has no Qwen3 equivalent; export refuses it")
     return dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=cfg.vocab_size,
                 hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
