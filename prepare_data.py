@@ -339,6 +339,10 @@ def interleave(runs):
         yield i, s, e
 
 
+def tokens_of(path, dtype):
+    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)  # mmap refuses empty files
+
+
 def write_split(out, split, chunks, dtype, shard_tokens):
     """Token arrays -> <split>.bin, or <split>_000.bin ... of at most shard_tokens each (temp names); returns the file names."""
     names, f, size = [], None, np.dtype(dtype).itemsize
@@ -449,11 +453,11 @@ def build(args, sources, tok, dtype, quiet):
         total = args.max_tokens or min(n / w for n, w in zip(natural, weights))
         targets = [int(round(w * total)) for w in weights]
     taken = [take(st, t) for st, t in zip(tstats, targets)]
-    mms = [np.memmap(st["tmp"], dtype=dtype, mode="r") if st["lens"].size else None for st in tstats]
+    mms = [tokens_of(st["tmp"], dtype) for st in tstats]
     files = {"train": write_split(out, "train", (mms[i][s:e] for i, s, e in interleave([t[0] for t in taken])), dtype, args.shard_tokens)}
-    val = np.memmap(os.path.join(out, TMP + "val.raw"), dtype=dtype, mode="r") if os.path.getsize(os.path.join(out, TMP + "val.raw")) else np.zeros(0, dtype)
+    val = tokens_of(os.path.join(out, TMP + "val.raw"), dtype)
     files["val"] = write_split(out, "val", (val[i:i + CHUNK] for i in range(0, len(val), CHUNK)), dtype, args.shard_tokens)
-    del mms, val
+    del mms, val  # close the memmaps before the temp files go
     elapsed = time.time() - t0
 
     splits = {"train": dict(files=files["train"], tokens=sum(t[1] for t in taken), documents=sum(t[2] for t in taken), bytes=sum(t[3] for t in taken)),
