@@ -1,0 +1,165 @@
+"""
+Training and decoding speed on one GPU, in one process, against transformers' Qwen3ForCausalLM of the same
+shape (compiled) as the baseline. Prints a table last and writes JSON.
+
+    python bench.py --preset medium-large --micro_batch 16 --block_size 2048 \
+        --variant attention=sdpa --variant attention=sdpa,checkpoint_activations=1 --variant precision=fp8 \
+        --baseline --decode --json bench.json
+
+A variant is comma-separated key=value over: attention, precision, compile (1/0), checkpoint_activations (1/0),
+micro_batch, block_size. MFU follows ../shared/README.md (PaLM appendix B; 989e12 bf16 peak).
+Runs on the CPU too (tiny presets, for a smoke check): --device cpu --preset debug.
+"""
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+import model as M
+from model import GPT, make_config
+
+PEAK_FLOPS = 989e12
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--preset", default="medium-large")
+parser.add_argument("--micro_batch", type=int, default=16)
+parser.add_argument("--block_size", type=int, default=2048)
+parser.add_argument("--steps", type=int, default=15, help="timed optimizer steps per variant")
+parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+parser.add_argument("--variant", action="append", default=[], help="key=value,...; repeatable; default: one bf16 compiled run")
+parser.add_argument("--baseline", action="store_true", help="also time transformers' Qwen3ForCausalLM (compiled)")
+parser.add_argument("--decode", action="store_true", help="also time generate(): batch x prompt_len prompt, new_tokens sampled")
+parser.add_argument("--decode_batch", type=int, default=256)
+parser.add_argument("--prompt_len", type=int, default=128)
+parser.add_argument("--new_tokens", type=int, default=256)
+parser.add_argument("--device", default="cuda")
+parser.add_argument("--json", default=None, help="write all results here")
+
+
+def parse_variant(text):
+    v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size"):
+            raise SystemExit(f"unknown variant key {key!r}")
+        v[key] = int(value) if value.isdigit() else value
+    return v
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_training(build, batch, block, steps, warmup, device, compile_model, loss_fn):
+    """Tokens/s and peak memory of full optimizer steps (forward, backward, clip, fused AdamW) on random tokens."""
+    model = build().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_model = torch.compile(model) if compile_model else model
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    vocab = model.config.vocab_size if hasattr(model, "config") else model.cfg.vocab_size
+    x = torch.randint(0, vocab, (batch, block + 1), generator=gen).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(step_model, x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    timed = sorted(times[warmup:])
+    median = timed[len(timed) // 2]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    result = {"tokens_per_s": batch * block / median, "step_s": median, "peak_gib": peak, "loss": loss.item()}
+    del model, opt, step_model
+    return result
+
+
+def release():
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(args):
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    with torch.device("meta"):
+        meta_model = GPT(make_config(args.preset, block_size=args.block_size))
+    n_params = meta_model.num_params()
+    for text in args.variant or [""]:
+        v = parse_variant(text)
+        batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
+        M.ATTENTION, M.PRECISION = v["attention"], v["precision"]
+        cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]))
+        name = "ours " + ",".join(f"{k}={v[k]}" for k in v)
+        print(f"--- {name}: {batch} x {block}", flush=True)
+        try:
+            r = time_training(lambda: GPT(cfg), batch, block, args.steps, args.warmup, device, v["compile"],
+                              lambda m, x, y: m(x, y))
+        except Exception as e:  # one failing variant (e.g. a missing package) must not hide the others
+            print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        r.update(name=name, batch=batch, block=block, flops_per_token=meta_model.flops_per_token(block))
+        rows.append(r)
+        release()
+    M.ATTENTION, M.PRECISION = "sdpa", "bf16"
+    if args.baseline:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        kw = {k: v for k, v in M.hf_config_dict(meta_model.cfg).items() if k not in ("architectures", "model_type")}
+        hf_cfg = Qwen3Config(**kw, attn_implementation="sdpa")
+        print("--- transformers Qwen3ForCausalLM, compiled", flush=True)
+        r = time_training(lambda: Qwen3ForCausalLM(hf_cfg), args.micro_batch, args.block_size, args.steps, args.warmup,
+                          device, True, lambda m, x, y: m(input_ids=x, labels=x).loss)
+        r.update(name="transformers Qwen3 compiled", batch=args.micro_batch, block=args.block_size,
+                 flops_per_token=meta_model.flops_per_token(args.block_size))
+        rows.append(r)
+        release()
+    decode = None
+    if args.decode:
+        model = GPT(make_config(args.preset)).to(device=device, dtype=torch.bfloat16).eval()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        prompts = torch.randint(0, model.cfg.vocab_size, (args.decode_batch, args.prompt_len), generator=gen).tolist()
+        for i in range(2):  # the first call warms up (and compiles, where the decode path compiles)
+            sync(device)
+            t0 = time.perf_counter()
+            out, lengths = model.generate(prompts, args.new_tokens, temperature=1.0)
+            sync(device)
+            elapsed = time.perf_counter() - t0
+        decode = {"new_tokens_per_s": int(lengths.sum()) / elapsed, "seconds": elapsed, "batch": args.decode_batch,
+                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+        del model
+        release()
+
+    base = next((r for r in rows if r["name"].startswith("transformers") and "tokens_per_s" in r), None)
+    print(f"\n{args.preset}: {n_params:,} parameters; {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
+    print(f"{'run':<78} {'batch':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs HF':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['error'][:60]}")
+            continue
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {ratio:>6}")
+    if decode:
+        print(f"generate(): batch {decode['batch']}, prompt {decode['prompt_len']}, {decode['new_tokens']} new tokens: "
+              f"{decode['new_tokens_per_s']:,.0f} new tokens/s ({decode['seconds']:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "params": n_params, "rows": rows, "decode": decode,
+                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
