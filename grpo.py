@@ -1,0 +1,712 @@
+"""
+GRPO fine-tuning on verifiable rewards, from a train.py (or grpo.py) checkpoint. Same configuration style as
+train.py: the defaults below, overridden by config files and --key=value.
+
+    python grpo.py config/usmle.py                                     # MedMCQA prompts, MedQA dev evaluation
+    python grpo.py config/grpo_debug.py                                # CPU, minutes, from a random char-level model
+    python grpo.py config/usmle.py --eval_only=True --init_from=out/usmle/ckpt.pt
+
+One step (DeepSeekMath's GRPO, with DeepSeek-V3.2's unbiased KL and off-policy sequence masking, DAPO's loss sum):
+  1. P prompts x G samples from model.generate() (batched, KV cache) at `temperature` (top-k / top-p optional);
+  2. rewards (tasks.py); advantage A_i = (r_i - mean_group) / (std_group + eps), or without the std (Dr. GRPO);
+     groups whose rewards are all equal carry no signal and are dropped (frac_zero_std);
+  3. old and reference log-probs of the sampled tokens, by the same code and in the same micro-batches as training;
+  4. `updates_per_batch` optimizer steps, each on the whole batch with gradients accumulated over micro-batches of
+        loss = 1/N sum_{i,t} [ -min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i) * M_i + beta * r * (q/p - log(q/p) - 1) ]
+     r = pi_theta/pi_old per token (not detached), p = pi_theta, q = pi_ref, N = completion tokens of the whole step
+     (so micro-batching gives the full-batch gradient), M_i = 0 when A_i < 0 and the sequence's mean
+     log(pi_old/pi_theta) > delta (off-policy masking), else 1.
+Masks come from positions (prompt and completion lengths), never from token values: EOS may equal the pad.
+Writes out_dir/ckpt.pt (kind "grpo", the checkpoint format of train.py), log.jsonl, reward_curve.png, tb/.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import model as M
+import tasks
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure
+from model import GPT, GPTConfig, filter_logits, make_config
+
+# ------------------------------------------------------------------------------------------------
+# I/O
+init_from = "out/pretrain/ckpt.pt"  # a train.py / grpo.py checkpoint | "resume" (out_dir/ckpt.pt) | "scratch" (random, debug)
+ref_from = ""  # checkpoint of the frozen KL reference; "" = the starting weights
+out_dir = "out/grpo"
+eval_only = False  # evaluate the starting checkpoint (eval_* keys), write out_dir/eval.json, exit
+# training prompts
+task = "medmcqa"  # medqa | medmcqa | pubmedqa | gsm8k | addition
+train_data = "../shared/data/medmcqa/questions.jsonl"  # jsonl of the task's schema; "" = generated (addition) or the HF hub
+train_n = 0  # a seeded subset of this many prompts; 0 = all
+addition_digits = (1, 4)  # addition: digits per operand (lo, hi), as `tasks.py synth` writes pretraining text
+shuffle_options = True  # MCQ: shuffle each question's options (stable per question) so no letter is always right
+# held-out evaluation
+eval_task = "medqa"
+eval_data = "../shared/data/medqa/dev.jsonl"  # "" = generated (addition: its disjoint eval split) or the HF hub
+eval_n = 0  # examples (0 = all); taken out of the training prompts when evaluation reads the training file
+eval_mode = "both"  # MCQ: "loglik" (letters' log-likelihood, as lm-eval medqa_4options) | "generate" (greedy) | "both"
+eval_every = 25  # steps; also before the first step and after the last; 0 = only those two
+eval_max_new_tokens = 32
+eval_batch = 64
+# rollouts
+prompts_per_step = 16  # P
+samples_per_prompt = 16  # G
+max_new_tokens = 64
+temperature = 1.0  # sampling and every log-prob in the loss use it: log_softmax(logits / temperature)
+top_k = 0  # 0 = off. The seed samples untruncated (top_k 0, top_p 1.0): no train/sample support mismatch at all
+top_p = 1.0  # 1.0 = off
+keep_sampling_mask = True  # with top_k/top_p: log-probs renormalised over each step's kept tokens (V3.2); False = full softmax
+rollout_batch = 256  # rows per generate() call (16 x 16 = one call)
+cut_at_stop_strings = True  # a completion ends at the first tasks.STOP_STRINGS ("\nQuestion:", ...): reward and loss stop there
+# objective
+beta = 0.01  # KL to the reference (V3.2's unbiased estimate); 0 = no reference model at all (saves its memory)
+eps_low = 0.2  # ratio clipped below at 1 - eps_low
+eps_high = 0.2  # ratio clipped above at 1 + eps_high (DAPO's clip-higher: 0.28)
+delta = 0.1  # off-policy masking threshold on the mean log(pi_old/pi_theta) of a negative-advantage sequence (V3.2 gives none)
+scale_rewards = True  # divide advantages by the group's std (GRPO); False = Dr. GRPO (mean-centred only)
+adv_eps = 1e-4  # added to the group std
+drop_zero_std = True  # leave out groups whose rewards are all equal (no signal, only KL)
+drop_degenerate = False  # leave out samples with no parsable answer or runaway repetition, before the group statistics
+updates_per_batch = 1  # mu: optimizer steps on each rollout batch (> 1 makes the ratio and the clipping matter)
+micro_batch = 32  # sequences per forward/backward; the loss is summed over the step's tokens, so any size gives the same gradient
+logprob_chunk_rows = 4096  # completion tokens whose float32 logits exist at once (4096 x 50304 x 4 B = 0.8 GB), never B x T x V
+# optimizer
+lr = 1e-5
+warmup_steps = 10  # linear warm-up, then constant
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # 0 = off
+max_steps = 200
+save_every = 50  # steps; and after the last
+# system
+device = "auto"  # "auto" | "cpu" | "cuda"
+dtype = "auto"  # autocast dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
+attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
+checkpoint_activations = False  # recompute blocks in backward (train passes only): less memory, ~25% more compute
+seed = 1337
+scratch_preset = "debug"  # init_from="scratch": this model preset with a char tokenizer over the tasks' characters
+show_samples = 2  # completions printed at each evaluation
+# ------------------------------------------------------------------------------------------------
+_DEFAULTS = {k: v for k, v in dict(globals()).items()
+             if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
+
+
+# ---- log-probs of completions ---------------------------------------------------------------------
+def pack_rows(prompts, completions, device, pad_id=0):
+    """Right-padded rows prompt + completion -> (seqs (B, T), prompt_lens (B,), comp_lens (B,)).
+    Row b starts at position 0 like generate()'s row b (which left-pads), so RoPE positions agree."""
+    plen = [len(p) for p in prompts]
+    clen = [len(c) for c in completions]
+    T = max(a + b for a, b in zip(plen, clen))
+    seqs = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seqs[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
+    return seqs.to(device), torch.tensor(plen, device=device), torch.tensor(clen, device=device)
+
+
+def pack_bits(mask):
+    """(N, V) bool -> (N, ceil(V/8)) uint8: the kept-token sets of V3.2's Keep Sampling Mask, 8x smaller than bool."""
+    pad = (-mask.shape[1]) % 8
+    m = F.pad(mask, (0, pad)).view(mask.shape[0], -1, 8).to(torch.uint8)
+    return (m << torch.arange(8, device=mask.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits, vocab_size):
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
+
+
+def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, extras):
+    """log pi(target) at `temperature` for rows of hidden states; the kept set (sampling truncation) either given as
+    bits or, when truncating, rebuilt from these logits (plus the target: it was sampled, so it was kept)."""
+    logits = model.logits(h) / temperature
+    kept = None
+    if kept_bits is not None:
+        kept = unpack_bits(kept_bits, logits.shape[1])
+    elif top_k or top_p < 1.0:
+        kept = ~torch.isinf(filter_logits(logits, top_k or None, top_p))
+        kept[torch.arange(len(targets), device=kept.device), targets] = True
+    if kept is not None:
+        logits = logits.masked_fill(~kept, float("-inf"))
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    if not extras:
+        return logp
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    return logp, entropy, (pack_bits(kept) if kept is not None else None)
+
+
+def completion_logprobs(model, seqs, prompt_lens, comp_lens, temperature=1.0, top_k=0, top_p=1.0, kept_bits=None,
+                        extras=False, chunk_rows=4096):
+    """Log-probs of each row's completion tokens, (B, L) with L = max completion length, and the mask (B, L) of real
+    completion tokens (from the lengths). Only completion positions reach the head, `chunk_rows` at a time, each
+    chunk recomputed in backward (torch.utils.checkpoint) so no float32 B x T x V ever exists.
+    extras (no grad): also per-token entropy (B, L) and the kept-token bits (N, V/8) in mask order, or None."""
+    B, T = seqs.shape
+    L = int(comp_lens.max())
+    j = torch.arange(L, device=seqs.device)
+    mask = j[None, :] < comp_lens[:, None]
+    pos = (prompt_lens[:, None] - 1 + j[None, :]).clamp(max=T - 2)  # the position whose output predicts token j
+    rows = torch.arange(B, device=seqs.device)[:, None].expand(B, L)
+    h = model.hidden(seqs)
+    h = h[rows[mask], pos[mask]]
+    targets = seqs[rows[mask], pos[mask] + 1]
+    logps, ents, kepts = [], [], []
+    for i in range(0, len(targets), chunk_rows):
+        args = (model, h[i:i + chunk_rows], targets[i:i + chunk_rows],
+                None if kept_bits is None else kept_bits[i:i + chunk_rows], temperature, top_k, top_p)
+        if extras:
+            lp, ent, kept = _chunk_logprobs(*args, True)
+            ents.append(ent)
+            kepts.append(kept)
+        elif torch.is_grad_enabled():
+            lp = checkpoint(_chunk_logprobs, *args, False, use_reentrant=False)
+        else:
+            lp = _chunk_logprobs(*args, False)
+        logps.append(lp)
+    logp = torch.zeros(B, L, dtype=torch.float32, device=seqs.device)
+    logp = logp.masked_scatter(mask, torch.cat(logps))
+    if not extras:
+        return logp, mask
+    entropy = torch.zeros_like(logp).masked_scatter(mask, torch.cat(ents))
+    kept = None if kepts[0] is None else torch.cat(kepts)
+    return logp, mask, entropy, kept
+
+
+# ---- the objective ---------------------------------------------------------------------------------------
+def group_advantages(rewards, valid, scale_rewards=True, eps=1e-4):
+    """rewards, valid: (P, G). -> advantages (P, G) (0 where not valid or no signal), informative (P,) bool:
+    the group has >= 2 valid samples whose rewards differ. std is torch's (unbiased), as TRL's GRPO."""
+    adv = torch.zeros_like(rewards, dtype=torch.float32)
+    informative = torch.zeros(rewards.shape[0], dtype=torch.bool)
+    for g in range(rewards.shape[0]):
+        r = rewards[g][valid[g]].float()
+        if len(r) < 2 or bool(r.max() == r.min()):
+            continue
+        a = r - r.mean()
+        if scale_rewards:
+            a = a / (r.std() + eps)
+        adv[g][valid[g]] = a
+        informative[g] = True
+    return adv, informative
+
+
+def grpo_token_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, delta):
+    """Per-token GRPO loss (B, L), zero outside `mask`, and statistics (sums over tokens / sequences).
+    logp (grad), old_logp, ref_logp (or None when beta == 0): (B, L) log-probs of the sampled tokens; adv: (B,)."""
+    m = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    A = adv[:, None]
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    # V3.2 off-policy sequence masking: a negative-advantage sequence the policy has moved away from is not pushed further
+    n = m.sum(1).clamp(min=1)
+    drift = ((old_logp - logp.detach()) * m).sum(1) / n  # mean log(pi_old / pi_theta) over the completion
+    seq_keep = ~((adv < 0) & (drift > delta))
+    loss = -surrogate * seq_keep[:, None].float()
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        log_q_p = ref_logp - logp  # log(pi_ref / pi_theta)
+        kl = ratio * (torch.exp(log_q_p) - log_q_p - 1)  # V3.2: k3 weighted by pi_theta/pi_old -> unbiased for KL(theta||ref)
+        loss = loss + beta * kl
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    with torch.no_grad():
+        live = mask & seq_keep[:, None]  # tokens whose policy term counts
+        stats = {"tokens": m.sum(), "seqs": torch.tensor(float(len(adv))),
+                 "clip_low": ((ratio < 1 - eps_low) & (A < 0) & live).float().sum(),  # clipped: no gradient from these
+                 "clip_high": ((ratio > 1 + eps_high) & (A > 0) & live).float().sum(),
+                 "kl": (kl.detach() * m).sum(), "masked_seqs": (~seq_keep).float().sum(),
+                 "abs_log_ratio": ((logp.detach() - old_logp).abs() * m).sum()}
+    return loss, stats
+
+
+# ---- rollouts, rewards, batches -----------------------------------------------------------------------------
+def decode(tok, ids):
+    """Text of token ids, without EOS and without ids beyond the tokenizer (the model's vocab is padded to x64)."""
+    return tok.decode([i for i in ids if i < tok.vocab_size and i != tok.eos_id])
+
+
+def stop_length(tok, ids, stops=tasks.STOP_STRINGS):
+    """Number of tokens up to and including the first stop string (len(ids) if none); binary search on decodes."""
+    has_stop = lambda k: any(s in decode(tok, ids[:k]) for s in stops)
+    if not ids or not has_stop(len(ids)):
+        return len(ids)
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+    return lo
+
+
+@torch.no_grad()
+def rollout(model, prompt_ids, cfg, eos_id, autocast=nullcontext()):
+    """G samples per prompt. -> (rows: the prompt of each sample, tokens (P*G, max_new) cpu, lengths (P*G,) cpu)."""
+    G = cfg["samples_per_prompt"]
+    rows = [p for p in prompt_ids for _ in range(G)]
+    model.eval()
+    outs, lens = [], []
+    for i in range(0, len(rows), cfg["rollout_batch"]):
+        with autocast:
+            out, n = model.generate(rows[i:i + cfg["rollout_batch"]], cfg["max_new_tokens"], cfg["temperature"],
+                                    cfg["top_k"] or None, cfg["top_p"], eos_id)
+        outs.append(out.cpu())
+        lens.append(n.cpu())
+    return rows, torch.cat(outs), torch.cat(lens)
+
+
+def score(tok, examples, tokens, lengths, cfg, reward_fn):
+    """Cut each completion (at its EOS, or just after the first stop string), decode, reward. -> per-sample lists."""
+    G = cfg["samples_per_prompt"]
+    s = {k: [] for k in ("completion", "text", "reward", "parsable", "finished", "repetition", "raw_len")}
+    for i in range(len(tokens)):
+        n = int(lengths[i])
+        ids = tokens[i, :n].tolist()
+        finished = ids[-1] == tok.eos_id  # the row's own last sampled token (lengths say where it ends, not padding)
+        body = ids[:-1] if finished else ids
+        if cfg["cut_at_stop_strings"]:
+            k = stop_length(tok, body)
+            if k < len(body):
+                ids, finished = body[:k], True
+        text = decode(tok, ids)
+        r, parsable = reward_fn(text, examples[i // G])
+        s["completion"].append(ids)
+        s["text"].append(text)
+        s["reward"].append(float(r))
+        s["parsable"].append(bool(parsable))
+        s["finished"].append(finished)
+        s["repetition"].append(tasks.has_runaway_repetition(ids))
+        s["raw_len"].append(n)
+    return s
+
+
+def training_truncation(cfg):
+    """(top_k, top_p) of the training log-probs: the sampling ones under Keep Sampling Mask, else none (full softmax)."""
+    if cfg["keep_sampling_mask"]:
+        return cfg["top_k"], cfg["top_p"]
+    return 0, 1.0
+
+
+@torch.no_grad()
+def prepare_microbatches(policy, ref, prompts, completions, adv, cfg, device, autocast=nullcontext()):
+    """Micro-batches (sequences sorted by length: less padding) with the old and reference log-probs, computed by the
+    same function, in the same micro-batches and eval mode as training will use: the first update's ratio is exactly 1."""
+    tk, tp = training_truncation(cfg)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
+    policy.eval()
+    mbs, ent_sum = [], 0.0
+    for s in range(0, len(order), cfg["micro_batch"]):
+        ids = order[s:s + cfg["micro_batch"]]
+        seqs, plen, clen = pack_rows([prompts[i] for i in ids], [completions[i] for i in ids], device)
+        with autocast:
+            old, mask, ent, kept = completion_logprobs(policy, seqs, plen, clen, cfg["temperature"], tk, tp, extras=True,
+                                                       chunk_rows=cfg["logprob_chunk_rows"])
+            ref_lp = None
+            if ref is not None and cfg["beta"] > 0:  # the reference over the same kept sets: KL between like supports
+                ref_lp, _ = completion_logprobs(ref, seqs, plen, clen, cfg["temperature"], tk, tp, kept_bits=kept,
+                                                chunk_rows=cfg["logprob_chunk_rows"])
+        ent_sum += float((ent * mask).sum())
+        mbs.append({"seqs": seqs, "plen": plen, "clen": clen, "old": old, "ref": ref_lp, "kept": kept, "mask": mask,
+                    "adv": adv[ids].to(device)})
+    return mbs, ent_sum
+
+
+def backward_on_batch(policy, mbs, n_tokens, cfg, autocast=nullcontext()):
+    """Accumulate into .grad the gradient of sum_{tokens of the step} loss / n_tokens, micro-batch by micro-batch."""
+    tk, tp = training_truncation(cfg)
+    stats = {}
+    for mb in mbs:
+        with autocast:
+            logp, mask = completion_logprobs(policy, mb["seqs"], mb["plen"], mb["clen"], cfg["temperature"], tk, tp,
+                                             kept_bits=mb["kept"], chunk_rows=cfg["logprob_chunk_rows"])
+        loss, st = grpo_token_loss(logp, mb["old"], mb["ref"], mb["adv"], mask, cfg["eps_low"], cfg["eps_high"],
+                                   cfg["beta"], cfg["delta"])
+        (loss.sum() / n_tokens).backward()
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+        stats["loss"] = stats.get("loss", 0.0) + float(loss.detach().sum()) / n_tokens
+    return stats
+
+
+def grpo_step(policy, ref, optimizer, tok, examples, cfg, reward_fn, lr_now, device, autocast=nullcontext()):
+    """One GRPO step on `examples` (P prompts). reward_fn(text, example) -> (reward, parsable). Returns metrics."""
+    P, G = len(examples), cfg["samples_per_prompt"]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.time()
+    prompt_ids = [tok.encode(e["prompt"]) for e in examples]
+    rows, tokens, lengths = rollout(policy, prompt_ids, cfg, tok.eos_id, autocast)
+    t_roll = time.time() - t0
+    s = score(tok, examples, tokens, lengths, cfg, reward_fn)
+    rewards = torch.tensor(s["reward"]).view(P, G)
+    degenerate = ~torch.tensor(s["parsable"]) | torch.tensor(s["repetition"])
+    valid = ~degenerate.view(P, G) if cfg["drop_degenerate"] else torch.ones(P, G, dtype=torch.bool)
+    adv, informative = group_advantages(rewards, valid, cfg["scale_rewards"], cfg["adv_eps"])
+    keep = valid & informative[:, None] if cfg["drop_zero_std"] else valid
+    idx = keep.flatten().nonzero().flatten().tolist()
+    clen = torch.tensor([len(c) for c in s["completion"]], dtype=torch.float32)
+    m = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+         "accuracy": (rewards >= 1).float().mean().item(), "parsable": float(np.mean(s["parsable"])),
+         "frac_zero_std": 1.0 - (rewards.max(1).values != rewards.min(1).values).float().mean().item(),
+         "frac_degenerate": degenerate.float().mean().item(), "repetition": float(np.mean(s["repetition"])),
+         "len_mean": clen.mean().item(), "len_max": int(clen.max()), "truncated": 1.0 - float(np.mean(s["finished"])),
+         "trained_seqs": len(idx), "rollout_tok_s": sum(s["raw_len"]) / max(t_roll, 1e-9), "t_rollout": t_roll}
+    if not idx:  # nothing carries signal: no update (the optimizer state is untouched)
+        m.update({"t_step": time.time() - t0, "skipped": 1})
+        return m, s
+    t1 = time.time()
+    mbs, ent_sum = prepare_microbatches(policy, ref, [rows[i] for i in idx], [s["completion"][i] for i in idx],
+                                        adv.flatten()[idx], cfg, device, autocast)
+    n_tokens = sum(len(s["completion"][i]) for i in idx)
+    sync()
+    t2 = time.time()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now
+    policy.train()
+    totals, grad_norm = {}, 0.0
+    for _ in range(cfg["updates_per_batch"]):
+        optimizer.zero_grad(set_to_none=True)
+        st = backward_on_batch(policy, mbs, n_tokens, cfg, autocast)
+        clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        for k, v in st.items():
+            totals[k] = totals.get(k, 0.0) + v
+    optimizer.zero_grad(set_to_none=True)
+    policy.eval()
+    sync()
+    t3 = time.time()
+    mu, ntok = cfg["updates_per_batch"], max(totals["tokens"], 1.0)
+    train_tokens = sum(len(rows[i]) + len(s["completion"][i]) for i in idx) * mu
+    m.update({"loss": totals["loss"] / mu, "kl": totals["kl"] / ntok, "clip_low": totals["clip_low"] / ntok,
+              "clip_high": totals["clip_high"] / ntok, "masked_frac": totals["masked_seqs"] / max(totals["seqs"], 1.0),
+              "abs_log_ratio": totals["abs_log_ratio"] / ntok, "entropy": ent_sum / max(n_tokens, 1),
+              "grad_norm": grad_norm, "lr": lr_now, "train_tokens": n_tokens, "train_tok_s": train_tokens / max(t3 - t2, 1e-9),
+              "t_logprobs": t2 - t1, "t_train": t3 - t2, "t_step": time.time() - t0})
+    return m, s
+
+
+# ---- evaluation (also used by eval.py) ---------------------------------------------------------------------
+def load_examples(name, path, n=0, seed=0, shuffle=False, split="train", digits=(1, 4)):
+    """tasks.load_task with this file's conventions: path "" = generated (addition) or the HF hub; n 0 = all."""
+    if path and not os.path.isfile(path):
+        raise SystemExit(f"no data file {path} for task {name}; point train_data / eval_data (or --data) at a jsonl of that schema")
+    if name == "addition" and not path:  # generated; train and eval splits are disjoint by construction
+        return tasks.load_task("addition", None, n=n or (1000 if split == "eval" else 100_000), seed=seed, split=split,
+                               digits=tuple(digits))
+    hf_split = "train" if split == "train" else {"medmcqa": "validation", "pubmedqa": "train"}.get(name, "test")
+    return tasks.load_task(name, path or None, n=n or None, seed=seed, shuffle_options=shuffle, split=hf_split)
+
+
+@torch.no_grad()
+def evaluate_generate(model, tok, examples, max_new_tokens=32, batch_size=64, autocast=nullcontext()):
+    """Greedy completions, answers extracted by tasks.py: accuracy, Wilson 95% interval, unparsable rate, letters."""
+    model.eval()
+    correct, parsable, outputs = [], [], []
+    limit = model.cfg.block_size - max_new_tokens
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        prompts = [tok.encode(e["prompt"])[-limit:] for e in chunk]  # over-long prompts keep their end ("Answer:")
+        with autocast:
+            out, lens = model.generate(prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+        for e, row, n in zip(chunk, out.tolist(), lens.tolist()):
+            text = decode(tok, row[:n])
+            correct.append(tasks.reward(e["task"], text, e))
+            parsable.append(tasks.is_parsable(e["task"], text, e))
+            outputs.append(tasks.extract_answer(e["task"], text, e))
+    res = tasks.summarize(correct, parsable)
+    if examples and examples[0]["task"] in tasks.MCQ_TASKS:
+        res["predicted"] = {L: outputs.count(L) for L in sorted(set(o for o in outputs if o))}
+    return res
+
+
+@torch.no_grad()
+def evaluate_loglik(model, tok, examples, batch_size=64, autocast=nullcontext()):
+    """lm-eval-harness medqa_4options style: the prompt (ending 'Answer:') continued by ' A', ' B', ...; the option
+    with the highest summed log-likelihood is the prediction. Never unparsable."""
+    model.eval()
+    rows = []  # (example index, letter, context ids, continuation ids)
+    for k, e in enumerate(examples):
+        ctx = tok.encode(e["prompt"])
+        for L in e["options"]:
+            cont = tok.encode(" " + L)
+            rows.append((k, L, ctx[-(model.cfg.block_size - len(cont)):], cont))
+    scores = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths together: less padding
+    device = model.rope_cos.device
+    for s in range(0, len(order), batch_size):
+        ids = order[s:s + batch_size]
+        seqs, plen, clen = pack_rows([rows[i][2] for i in ids], [rows[i][3] for i in ids], device)
+        with autocast:
+            logp, mask = completion_logprobs(model, seqs, plen, clen)
+        for i, v in zip(ids, (logp * mask).sum(1).tolist()):
+            scores[i] = v
+    best = {}
+    for (k, L, _, _), v in zip(rows, scores):
+        if k not in best or v > best[k][1]:
+            best[k] = (L, v)
+    preds = [best[k][0] for k in range(len(examples))]
+    res = tasks.summarize([float(p == e["answer"]) for p, e in zip(preds, examples)], [True] * len(examples))
+    res["predicted"] = {L: preds.count(L) for L in sorted(set(preds))}
+    return res
+
+
+def evaluate(model, tok, examples, mode="both", max_new_tokens=32, batch_size=64, autocast=nullcontext()):
+    """{"generate": summary, "loglik": summary} (loglik only for multiple-choice tasks)."""
+    out = {}
+    mcq = bool(examples) and examples[0]["task"] in tasks.MCQ_TASKS
+    if mode in ("loglik", "both") and mcq:
+        out["loglik"] = evaluate_loglik(model, tok, examples, batch_size, autocast)
+    if mode in ("generate", "both") or not mcq:
+        out["generate"] = evaluate_generate(model, tok, examples, max_new_tokens, batch_size, autocast)
+    return out
+
+
+def format_eval(results):
+    return " | ".join(f"{m}: acc {r['acc']:.4f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}] n={r['n']} unparsable {r['unparsable']:.3f}"
+                      + (f" predicted {r['predicted']}" if "predicted" in r else "") for m, r in results.items())
+
+
+# ---- model loading ------------------------------------------------------------------------------------------
+def char_meta(texts):
+    chars = sorted(set("".join(texts)) | set("\n "))
+    return {"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eos_id": len(chars)}
+
+
+def load_model(path, device, scratch_preset="debug", scratch_texts=None):
+    """-> (model with dropout 0, tokenizer, checkpoint dict or None). path: a checkpoint, a Qwen3-layout folder, or
+    "scratch" (random weights, a char tokenizer over scratch_texts)."""
+    from tokenizer import load_tokenizer
+    if path == "scratch":
+        meta = char_meta(scratch_texts or [])
+        model = GPT(make_config(scratch_preset, vocab_size=meta["vocab_size"]))
+        return model.to(device), load_tokenizer(meta), None
+    if os.path.isdir(path):
+        from checkpoint import load_hf_folder
+        ckpt = load_hf_folder(path)
+    else:
+        ckpt = load_checkpoint(path)
+    if "tokenizer" not in ckpt:
+        raise SystemExit(f"{path} has no tokenizer entry; cannot turn prompts into tokens")
+    tok = load_tokenizer(ckpt["tokenizer"])
+    cfg = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # RL with dropout would make the ratio != 1 by noise
+    if tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"{path}: tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+    model = GPT(cfg)
+    model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
+    return model.to(device), tok, ckpt
+
+
+# ---- logging -------------------------------------------------------------------------------------------------
+def plot_curve(records, path):
+    """Reward per step (and its 10-step mean) and held-out accuracy with 95% intervals, to a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = [r["step"] for r in records if "reward_mean" in r]
+    reward = [r["reward_mean"] for r in records if "reward_mean" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot(steps, reward, color="tab:blue", alpha=0.35, label="train reward (per step)")
+        w = 10
+        smooth = [float(np.mean(reward[max(0, i - w + 1):i + 1])) for i in range(len(reward))]
+        ax.plot(steps, smooth, color="tab:blue", label=f"train reward ({w}-step mean)")
+    for key, color in (("eval_generate_acc", "tab:red"), ("eval_loglik_acc", "tab:green")):
+        ev = [r for r in records if key in r]
+        if ev:
+            lo, hi = key.replace("_acc", "_ci_lo"), key.replace("_acc", "_ci_hi")
+            ax.errorbar([r["step"] for r in ev], [r[key] for r in ev],
+                        yerr=[[r[key] - r[lo] for r in ev], [r[hi] - r[key] for r in ev]],
+                        color=color, marker="o", capsize=3, label=key.replace("_acc", "") + " acc (95% CI)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+# ------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    config = configure(globals())
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("device=cuda but no GPU is visible; use --device=cpu (and a small model)")
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    if not temperature > 0:
+        raise SystemExit("temperature must be > 0: GRPO needs sampled groups, and log-probs are taken at that temperature")
+    if updates_per_batch < 1 or micro_batch < 1 or prompts_per_step < 1 or samples_per_prompt < 2:
+        raise SystemExit("need updates_per_batch >= 1, micro_batch >= 1, prompts_per_step >= 1, samples_per_prompt >= 2")
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    M.ATTENTION = attention
+
+    # ---- data (checked before any GPU work) ----
+    for name in (task, eval_task):
+        if name not in tasks.TASKS:
+            raise SystemExit(f"unknown task {name!r}; one of {tasks.TASKS}")
+    eval_examples = load_examples(eval_task, eval_data, eval_n, seed, shuffle_options, "eval", addition_digits)
+    train_examples = [] if eval_only else load_examples(task, train_data, train_n, seed, shuffle_options, "train", addition_digits)
+    if train_data and eval_data and os.path.abspath(train_data) == os.path.abspath(eval_data):
+        held = {e["id"] for e in eval_examples}
+        train_examples = [e for e in train_examples if e["id"] not in held]
+        print(f"evaluation reads the training file: its {len(held)} examples are held out of training")
+
+    # ---- model, reference, optimizer ----
+    resume = init_from == "resume"
+    start = os.path.join(out_dir, "ckpt.pt") if resume else init_from
+    texts = [e["prompt"] + " " + str(e["answer"]) for e in train_examples + eval_examples]
+    policy, tok, ckpt = load_model(start, dev, scratch_preset, texts)
+    policy.cfg.checkpoint_activations = checkpoint_activations
+    tokenizer_meta = ckpt["tokenizer"] if ckpt is not None else char_meta(texts)
+    reference_path = (ckpt.get("ref_from") or "") if resume else (ref_from or init_from)
+    ref = None
+    if beta > 0:
+        if resume and ckpt.get("ref_model") is not None:  # a scratch run's reference lives in its checkpoint
+            ref = GPT(policy.cfg).to(dev)
+            ref.load_state_dict(ckpt["ref_model"])
+        elif resume and not reference_path:
+            raise SystemExit(f"{start} does not say which reference model it used: resume with --beta=0")
+        else:
+            ref = deepcopy(policy) if (not resume and not ref_from) else load_model(reference_path, dev)[0]
+        ref.eval().requires_grad_(False)
+    optimizer = policy.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type)
+    step, data_state, records = 0, {"epoch": 0, "pos": 0}, []
+    if resume:
+        if ckpt.get("kind") != "grpo":
+            raise SystemExit(f"{start} is not a grpo.py checkpoint (kind {ckpt.get('kind')!r}); start with --init_from=<path>")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, data_state = ckpt["step"], ckpt["data_state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if dev.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if os.path.isfile(os.path.join(out_dir, "log.jsonl")):
+            with open(os.path.join(out_dir, "log.jsonl")) as f:
+                records = [r for r in map(json.loads, f) if r.get("step", 0) <= step]
+    del ckpt
+    if reference_path == "scratch":
+        reference_path = ""
+    limit = policy.cfg.block_size - max_new_tokens
+    n_before = len(train_examples)
+    train_examples = [e for e in train_examples if len(tok.encode(e["prompt"])) <= limit]
+    if not eval_only and not train_examples:
+        raise SystemExit(f"no training prompt fits the context: every prompt + max_new_tokens > block_size {policy.cfg.block_size}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    print(json.dumps(config, indent=1))
+    print(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} "
+          f"device={dev} checkpoint_activations={checkpoint_activations}")
+    print(f"model: {policy.num_params():,} parameters, {asdict(policy.cfg)}; tokenizer {tokenizer_meta['tokenizer']} "
+          f"({tok.vocab_size} ids); reference: {'none (beta=0)' if ref is None else reference_path or 'the starting weights'}")
+    print(f"sampling: temperature {temperature}, top_k {top_k or 'off'}, top_p {top_p if top_p < 1 else 'off'}; "
+          + ("untruncated: training log-probs over the full softmax" if not (top_k or top_p < 1) else
+             "truncated: training log-probs over the kept set of sampling (Keep Sampling Mask)" if keep_sampling_mask else
+             "truncated, but training log-probs over the full softmax (keep_sampling_mask=False: a known bias)"))
+    print(f"data: {len(train_examples):,} training prompts ({task}; {n_before - len(train_examples)} too long dropped), "
+          f"{len(eval_examples)} eval examples ({eval_task})")
+
+    def run_eval(at_step):
+        t = time.time()
+        res = evaluate(policy, tok, eval_examples, eval_mode, eval_max_new_tokens, eval_batch, autocast)
+        print(f"eval step {at_step} ({eval_task}, {time.time() - t:.0f}s): {format_eval(res)}")
+        for e in eval_examples[:show_samples]:
+            with autocast:
+                out, n = policy.generate([tok.encode(e["prompt"])[-limit:]], eval_max_new_tokens, 0.0, eos_id=tok.eos_id)
+            print(f"  sample: ...{e['prompt'][-60:]!r} -> {decode(tok, out[0, :n[0]].tolist())!r}  [answer {e['answer']}]")
+        return {f"eval_{m}_{k}": v for m, r in res.items() for k, v in r.items() if not isinstance(v, dict)}
+
+    if eval_only:
+        ev = run_eval(step)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({"init_from": init_from, "eval_task": eval_task, "eval_data": eval_data, **ev}, f, indent=1)
+        sys.exit(0)
+
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "w" if not resume else "a")
+    tb = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(out_dir, "tb"))
+    except ImportError:
+        print("tensorboard is not installed: logging to log.jsonl and stdout only")
+
+    def log_record(rec):
+        records.append(rec)
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        if tb:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(k, v, rec["step"])
+
+    def save(at_step):
+        ck = {"model_config": asdict(policy.cfg), "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+              "step": at_step, "tokens_seen": 0, "data_state": dict(data_state), "rng": rng_state(dev), "config": config,
+              "tokenizer": tokenizer_meta, "best_val_loss": float("inf"), "kind": "grpo", "ref_from": reference_path,
+              "ref_model": ref.state_dict() if ref is not None and not reference_path else None}  # scratch only: no file to name
+        save_checkpoint(os.path.join(out_dir, "ckpt.pt"), ck)
+        plot_curve(records, os.path.join(out_dir, "reward_curve.png"))
+        print(f"saved {out_dir}/ckpt.pt at step {at_step}")
+
+    def next_prompts():
+        """P prompts, walking seeded permutations of the training set (one per epoch); resumable by data_state."""
+        out = []
+        while len(out) < prompts_per_step:
+            order = np.random.default_rng([seed, data_state["epoch"]]).permutation(len(train_examples))
+            take = order[data_state["pos"]:data_state["pos"] + prompts_per_step - len(out)]
+            out += [train_examples[i] for i in take]
+            data_state["pos"] += len(take)
+            if data_state["pos"] >= len(train_examples):
+                data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+        return out
+
+    def reward_fn(text, ex):
+        return tasks.reward(ex["task"], text, ex), tasks.is_parsable(ex["task"], text, ex)
+
+    if step == 0:
+        log_record({"step": 0, **run_eval(0)})
+    t_start, start_step = time.time(), step
+    while step < max_steps:
+        lr_now = lr * min(1.0, (step + 1) / max(1, warmup_steps))
+        m, samples = grpo_step(policy, ref, optimizer, tok, next_prompts(), config, reward_fn, lr_now, dev, autocast)
+        step += 1
+        if dev.type == "cuda":
+            m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        eta = (max_steps - step) * (time.time() - t_start) / (step - start_step)
+        print(f"step {step}/{max_steps} | reward {m['reward_mean']:.3f} (std {m['reward_std']:.3f}) | zero-std "
+              f"{m['frac_zero_std']:.2f} | len {m['len_mean']:.0f}/{m['len_max']} trunc {m['truncated']:.2f} | "
+              + ("no informative group: no update | " if m.get("skipped") else
+                 f"kl {m['kl']:.4f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f} | masked {m['masked_frac']:.2f} | "
+                 f"ent {m['entropy']:.2f} | gnorm {m['grad_norm']:.2f} | train {m['train_tok_s']:,.0f} tok/s | ")
+              + f"rollout {m['rollout_tok_s']:,.0f} tok/s | {m['t_step']:.1f}s | ETA {eta / 60:.1f} min", flush=True)
+        rec = {"step": step, **m}
+        if (eval_every and step % eval_every == 0) or step == max_steps:
+            rec.update(run_eval(step))
+        log_record(rec)
+        if step % save_every == 0 or step == max_steps:
+            save(step)
+    log_file.close()

@@ -1,0 +1,328 @@
+"""grpo.py on the CPU: the loss against hand-computed numbers, the KL gradient, ratio == 1 on the first update,
+micro-batch accumulation, position-based masks, Keep Sampling Mask, learning a trivial reward, resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+import model as M
+import tasks
+from checkpoint import load_checkpoint, model_from_checkpoint
+from model import GPT, make_config
+from tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def cfg(**kw):
+    c = dict(grpo._DEFAULTS)
+    c.update(kw)
+    return c
+
+
+def tiny_model(vocab=40, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(make_config("debug", vocab_size=vocab, **kw)).eval()
+
+
+# ---- advantages ---------------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    adv, informative = grpo.group_advantages(r, valid, scale_rewards=True, eps=1e-4)
+    s = math.sqrt((4 * 0.25) / 3)  # unbiased std of [1, 0, 0, 1]
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-4))
+    assert informative.tolist() == [True, False, True] and (adv[1] == 0).all()
+    s2 = math.sqrt((0.25 ** 2 * 3 + 0.75 ** 2) / 3)
+    assert torch.allclose(adv[2], torch.tensor([-0.25, 0.75, -0.25, -0.25]) / (s2 + 1e-4))
+    adv, _ = grpo.group_advantages(r, valid, scale_rewards=False)  # Dr. GRPO: mean-centred only
+    assert adv[0].tolist() == [0.5, -0.5, -0.5, 0.5] and adv[2].tolist() == [-0.25, 0.75, -0.25, -0.25]
+    valid[0, 0] = valid[0, 3] = False  # dropped samples leave the group statistics: [0, 0] has no signal left
+    adv, informative = grpo.group_advantages(r, valid, scale_rewards=False)
+    assert not informative[0] and (adv[0] == 0).all()
+
+
+# ---- the per-token loss -----------------------------------------------------------------------------------------
+def reference_loss(logp, old, ref, adv, lens, eps_low, eps_high, beta, delta):
+    """The objective written out token by token with Python floats."""
+    out = [[0.0] * len(row) for row in logp]
+    masked = []
+    for i, row in enumerate(logp):
+        n = lens[i]
+        drift = sum(old[i][t] - row[t] for t in range(n)) / n
+        mask_seq = adv[i] < 0 and drift > delta
+        masked.append(mask_seq)
+        for t in range(n):
+            r = math.exp(row[t] - old[i][t])
+            clipped = min(max(r, 1 - eps_low), 1 + eps_high)
+            pol = 0.0 if mask_seq else -min(r * adv[i], clipped * adv[i])
+            q_over_p = math.exp(ref[i][t] - row[t])
+            kl = r * (q_over_p - math.log(q_over_p) - 1)
+            out[i][t] = pol + beta * kl
+    return out, masked
+
+
+def test_token_loss_equals_hand_reference_with_clipping_and_masking():
+    # ratios per token (log r): both clip sides for both advantage signs, and sequences that trip the off-policy mask
+    log_r = [[0.5, -0.5, 0.05, 0.0],     # A > 0: r=1.65 clipped high (grad 0), r=0.61 unclipped, r=1.05 in range
+             [0.5, -0.5, 0.1, 9.0],      # A < 0: r=1.65 unclipped (min picks rA), r=0.61 clipped low; last is padding
+             [0.3, 0.3, 0.3, 0.3],       # A < 0, mean log(old/theta) = -0.3 < delta: kept
+             [-0.4, -0.3, -0.2, 0.0],    # A < 0, mean log(old/theta) = 0.3 > delta: masked (KL stays)
+             [-0.4, -0.3, -0.2, 0.0]]    # A > 0, same drift: never masked
+    lens = [4, 3, 4, 3, 3]
+    adv = [1.5, -0.7, -1.2, -0.9, 0.8]
+    old = [[-1.0 - 0.1 * t - 0.2 * i for t in range(4)] for i in range(5)]
+    logp = [[old[i][t] + log_r[i][t] for t in range(4)] for i in range(5)]
+    ref = [[old[i][t] + 0.3 * ((-1) ** t) for t in range(4)] for i in range(5)]
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.05, delta=0.25)
+    want, masked = reference_loss(logp, old, ref, adv, lens, **kw)
+    assert masked == [False, False, False, True, False]
+    mask = torch.arange(4)[None] < torch.tensor(lens)[:, None]
+    T = lambda x: torch.tensor(x, dtype=torch.float64)
+    got, st = grpo.grpo_token_loss(T(logp), T(old), T(ref), T(adv), mask, **kw)
+    for i in range(5):
+        for t in range(4):
+            assert abs(got[i, t].item() - (want[i][t] if t < lens[i] else 0.0)) < 1e-12, (i, t)
+    # clipped tokens: seq 0 token 0 (A>0, r>1.28), seq 1 token 1 (A<0, r<0.8); not seq 3 (masked) nor seq 4 (A>0, r<0.8)
+    assert st["clip_high"].item() == 1 and st["clip_low"].item() == 1
+    assert st["masked_seqs"].item() == 1 and st["tokens"].item() == sum(lens)
+    # a sequence masked by the off-policy rule sends no policy gradient, but its KL gradient remains
+    x = T(logp).requires_grad_()
+    loss, _ = grpo.grpo_token_loss(x, T(old), T(ref), T(adv), mask, **{**kw, "beta": 0.0})
+    loss.sum().backward()
+    assert (x.grad[3] == 0).all() and (x.grad[4, :3] != 0).all()
+    assert x.grad[0, 0] == 0 and x.grad[1, 1] == 0 and x.grad[1, 0] != 0  # clipped tokens carry no gradient
+    assert (x.grad[1, 3] == 0) and (x.grad[0, 1] != 0)
+
+
+def test_unbiased_kl_gradient():
+    """d/dtheta of r * (q/p - log(q/p) - 1) equals (pi/pi_old) * log(pi/pi_ref) * d log pi (V3.2), ratio not detached."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (6,))
+    old = torch.log_softmax(torch.randn(6, 11, dtype=torch.float64), -1).gather(1, targets[:, None]).T
+    ref = torch.log_softmax(torch.randn(6, 11, dtype=torch.float64), -1).gather(1, targets[:, None]).T
+    logp = torch.log_softmax(theta, -1).gather(1, targets[:, None]).T  # (1, 6): one sequence of 6 tokens
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    loss, _ = grpo.grpo_token_loss(logp, old, ref, torch.zeros(1, dtype=torch.float64), mask, 0.2, 0.2, 1.0, 0.1)
+    (g,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
+    want = torch.zeros_like(theta)
+    for t in range(6):
+        (glogp,) = torch.autograd.grad(logp[0, t], theta, retain_graph=True)
+        p, p_old, p_ref = logp[0, t].exp(), old[0, t].exp(), ref[0, t].exp()
+        want += (p / p_old) * torch.log(p / p_ref) * glogp
+    assert torch.allclose(g, want, atol=1e-12)
+
+
+# ---- log-probs from positions ----------------------------------------------------------------------------------
+def test_completion_logprobs_follow_positions_not_token_values():
+    m = tiny_model()
+    prompts = [[5, 6, 7, 8, 9], [3], [0, 0, 2]]
+    comps = [[0, 0, 1], [4, 0, 0, 0, 7], [0]]  # zeros everywhere: the pad value and (say) EOS are ordinary tokens
+    seqs, plen, clen = grpo.pack_rows(prompts, comps, CPU, pad_id=0)
+    logp, mask = grpo.completion_logprobs(m, seqs, plen, clen, temperature=0.7, chunk_rows=3)
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
+    for b, (p, c) in enumerate(zip(prompts, comps)):  # each row alone, unpadded
+        lp = torch.log_softmax(m(torch.tensor([p + c]))[0] / 0.7, -1)
+        want = [lp[len(p) - 1 + j, c[j]].item() for j in range(len(c))]
+        assert torch.allclose(logp[b, :len(c)], torch.tensor(want), atol=1e-5)
+        assert (logp[b, len(c):] == 0).all()
+
+
+def test_greedy_rollout_tokens_are_the_trainers_argmax():
+    """generate() left-pads a batch of different prompt lengths; the trainer right-pads: same positions, same tokens."""
+    m = tiny_model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14]]
+    out, lens = m.generate(prompts, 6, temperature=0)
+    comps = [out[b, :lens[b]].tolist() for b in range(3)]
+    seqs, plen, clen = grpo.pack_rows(prompts, comps, CPU)
+    logp, mask, ent, kept = grpo.completion_logprobs(m, seqs, plen, clen, temperature=1.0, top_k=1, extras=True)
+    assert torch.equal(logp[mask], torch.zeros(int(mask.sum())))  # top-1 kept set = the greedy token, prob 1
+    assert torch.equal(ent[mask], torch.zeros(int(mask.sum())))
+    assert (grpo.unpack_bits(kept, 40).sum(1) == 1).all()
+
+
+def test_pack_bits_round_trip():
+    torch.manual_seed(1)
+    for V in (8, 13, 50304 // 64):
+        mask = torch.rand(7, V) < 0.3
+        bits = grpo.pack_bits(mask)
+        assert bits.dtype == torch.uint8 and bits.shape == (7, -(-V // 8))
+        assert torch.equal(grpo.unpack_bits(bits, V), mask)
+
+
+def rollout_batch(m, tok_eos, prompts, G, c, seed=0):
+    torch.manual_seed(seed)
+    rows, tokens, lengths = grpo.rollout(m, prompts, c, tok_eos)
+    comps = [tokens[i, :lengths[i]].tolist() for i in range(len(rows))]
+    return rows, comps
+
+
+@pytest.mark.parametrize("top_k,top_p,ckpt_act", [(0, 1.0, False), (5, 1.0, True), (0, 0.8, False), (7, 0.9, True)])
+def test_ratio_is_exactly_one_on_the_first_update(top_k, top_p, ckpt_act):
+    m = tiny_model()
+    m.cfg.checkpoint_activations = ckpt_act
+    c = cfg(samples_per_prompt=4, max_new_tokens=9, temperature=0.8, top_k=top_k, top_p=top_p, micro_batch=5,
+            logprob_chunk_rows=7, beta=0.1)
+    rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], 4, c)
+    adv = torch.randn(len(rows))
+    ref = tiny_model(seed=1)
+    mbs, _ = grpo.prepare_microbatches(m, ref, rows, comps, adv, c, CPU)
+    m.train()
+    for mb in mbs:  # same code, same micro-batches, dropout-free: the new log-probs are the old ones, bit for bit
+        tk, tp = grpo.training_truncation(c)
+        logp, mask = grpo.completion_logprobs(m, mb["seqs"], mb["plen"], mb["clen"], c["temperature"], tk, tp,
+                                              kept_bits=mb["kept"], chunk_rows=c["logprob_chunk_rows"])
+        assert logp.requires_grad
+        assert torch.equal(logp.detach()[mask], mb["old"][mask])
+        assert torch.isfinite(mb["ref"][mask]).all()
+    st = grpo.backward_on_batch(m, mbs, sum(map(len, comps)), c)
+    assert st["abs_log_ratio"] == 0.0 and st["clip_low"] == 0 and st["clip_high"] == 0 and st["masked_seqs"] == 0
+
+
+def test_keep_sampling_mask_renormalises_over_the_kept_set():
+    m = tiny_model()
+    c = cfg(samples_per_prompt=8, max_new_tokens=5, temperature=1.0, top_k=3, micro_batch=100)
+    rows, comps = rollout_batch(m, 39, [[1, 2, 3]], 8, c)
+    mbs, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c, CPU)
+    mb = mbs[0]
+    assert (grpo.unpack_bits(mb["kept"], 40).sum(1) == 3).all()  # every sampled step kept exactly top-3
+    full, mask = grpo.completion_logprobs(m, mb["seqs"], mb["plen"], mb["clen"], 1.0)
+    assert (mb["old"][mask] > full[mask]).all()  # renormalised over 3 tokens: more probable than under the full softmax
+    c2 = cfg(**{**c, "keep_sampling_mask": False})  # the other choice: full-softmax log-probs, said in the config
+    mbs2, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c2, CPU)
+    assert mbs2[0]["kept"] is None and torch.allclose(mbs2[0]["old"][mask], full[mask])
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient():
+    m = tiny_model()
+    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=1.0, beta=0.05, eps_low=0.1, eps_high=0.1, delta=0.02)
+    rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], 4, c)
+    adv = torch.randn(len(rows))
+    ref = tiny_model(seed=1)
+    n_tokens = sum(map(len, comps))
+    grads = []
+    for mb_size in (len(rows), 5, 1):
+        policy = tiny_model()
+        cc = cfg(**{**c, "micro_batch": mb_size})
+        mbs, _ = grpo.prepare_microbatches(policy, ref, rows, comps, adv, cc, CPU)
+        with torch.no_grad():  # move the policy off pi_old so clipping and the off-policy mask take part
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        policy.zero_grad()
+        st = grpo.backward_on_batch(policy, mbs, n_tokens, cc)
+        grads.append([p.grad.clone() for p in policy.parameters()])
+        assert st["tokens"] == n_tokens
+        if mb_size == len(rows):
+            assert st["clip_low"] + st["clip_high"] > 0 and st["abs_log_ratio"] > 0
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+# ---- rollouts and scoring ----------------------------------------------------------------------------------------
+def char_tok(text):
+    return load_tokenizer(grpo.char_meta([text]))
+
+
+def test_score_cuts_at_eos_and_stop_strings():
+    tok = char_tok("Q: 1+2=\nA: 3 x")
+    eos = tok.eos_id
+    enc = tok.encode
+    rows = [enc(" 3") + [eos] + [eos] * 5,  # EOS: finished, EOS kept in the trained tokens
+            enc(" 3\nQ: 1+1") + [eos],  # a stop string before EOS: cut just after it
+            enc(" 3 3 3 3 3"),  # ran out of tokens: truncated
+            enc(" x\nQ") + [eos] * 4]
+    lengths = torch.tensor([3, 9, 10, 4])
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
+    ex = {"task": "addition", "answer": "3", "prompt": "Q: 1+2=\nA:"}
+    c = cfg(samples_per_prompt=4, max_new_tokens=10)
+    s = grpo.score(tok, [ex], tokens, lengths, c, lambda t, e: (tasks.reward("addition", t, e), tasks.is_parsable("addition", t, e)))
+    assert s["completion"][0] == enc(" 3") + [eos] and s["finished"][0]
+    assert s["completion"][1] == enc(" 3\nQ:") and s["finished"][1] and s["text"][1] == " 3\nQ:"
+    assert s["completion"][2] == enc(" 3 3 3 3 3") and not s["finished"][2]
+    assert s["reward"] == [1.0, 1.0, 1.0, 0.0] and s["parsable"] == [True, True, True, False]
+    assert s["raw_len"] == [3, 9, 10, 4]
+
+
+# ---- learning -----------------------------------------------------------------------------------------------------
+def test_tiny_random_policy_learns_to_always_answer_C():
+    chars = sorted(set(" ABCD?:\nQ"))
+    tok = load_tokenizer({"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eos_id": len(chars)})
+    torch.manual_seed(0)
+    policy = GPT(make_config("debug", vocab_size=tok.vocab_size)).eval()
+    ref = GPT(make_config("debug", vocab_size=tok.vocab_size)).eval()
+    ref.load_state_dict(policy.state_dict())
+    ref.requires_grad_(False)
+    opt = policy.configure_optimizer(3e-3, 0.0, (0.9, 0.99), "cpu")
+    examples = [{"prompt": p, "task": "x"} for p in ("Q: A?\nA:", "Q: B?\nA:", "Q: D?\nA:", "Q: ABCD?\nA:")]
+    c = cfg(samples_per_prompt=16, max_new_tokens=1, micro_batch=64, beta=0.01)
+    reward_fn = lambda text, ex: (float(text.strip() == "C"), True)
+
+    def sampled_accuracy():
+        torch.manual_seed(123)
+        rows, tokens, lengths = grpo.rollout(policy, [tok.encode(e["prompt"]) for e in examples], cfg(**{**c, "samples_per_prompt": 64}), tok.eos_id)
+        return sum(tok.decode(tokens[i, :1].tolist()) == "C" for i in range(len(rows))) / len(rows)
+
+    before = sampled_accuracy()
+    assert before < 0.3  # about chance: 1 of 10 tokens
+    history = []
+    for step in range(60):
+        m, _ = grpo.grpo_step(policy, ref, opt, tok, examples, c, reward_fn, 3e-3, CPU)
+        history.append(m)
+        if m["reward_mean"] > 0.97:  # every group right: no signal left, the step is skipped
+            break
+    after = sampled_accuracy()
+    assert after >= 0.9, (before, after, [round(h["reward_mean"], 2) for h in history])
+    assert history[0]["reward_mean"] < 0.3 and max(h.get("kl", 0) for h in history) > 0  # moved off the reference
+
+
+# ---- the script: debug run, eval_only, exact resume -----------------------------------------------------------------
+def run_grpo(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"), *args],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
+    common = ["--train_n=500", "--eval_n=20", "--eval_every=0", "--prompts_per_step=4", "--samples_per_prompt=4",
+              "--micro_batch=7", "--updates_per_batch=2"]
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    run_grpo(*common, f"--out_dir={straight}", "--max_steps=3", "--save_every=10", cwd=tmp_path)
+    run_grpo(*common, f"--out_dir={split}", "--max_steps=2", "--save_every=10", cwd=tmp_path)
+    out = run_grpo(*common, f"--out_dir={split}", "--max_steps=3", "--save_every=10", "--init_from=resume", cwd=tmp_path)
+    assert "step 3/3" in out and "step 1/3" not in out
+    a, b = load_checkpoint(os.path.join(straight, "ckpt.pt")), load_checkpoint(os.path.join(split, "ckpt.pt"))
+    assert a["kind"] == b["kind"] == "grpo" and a["step"] == b["step"] == 3 and a["data_state"] == b["data_state"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    model_from_checkpoint(b)  # the same format train.py writes: loadable by sample.py / eval.py as is
+    recs = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
+    trained = [r for r in recs if "loss" in r]
+    for key in ("reward_mean", "reward_std", "accuracy", "frac_zero_std", "len_mean", "len_max", "truncated", "clip_low",
+                "clip_high", "kl", "masked_frac", "entropy", "rollout_tok_s", "train_tok_s", "grad_norm"):
+        assert key in trained[0], key
+    assert "eval_generate_acc" in recs[0] and "eval_generate_acc" in recs[-1]
+    assert os.path.getsize(os.path.join(straight, "reward_curve.png")) > 1000
+
+
+def test_eval_only_and_config_errors(tmp_path):
+    out = run_grpo("--eval_only=True", "--eval_n=10", f"--out_dir={tmp_path}", cwd=tmp_path)
+    res = json.load(open(os.path.join(tmp_path, "eval.json")))
+    assert res["eval_generate_n"] == 10 and 0 <= res["eval_generate_acc"] <= 1 and "eval step 0" in out
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
+                          "--task=medqa", "--train_data=/nonexistent.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "no data file /nonexistent.jsonl" in bad.stderr + bad.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
+                          "--temperture=1.0"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown key 'temperture'" in bad.stderr + bad.stdout
