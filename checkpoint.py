@@ -96,6 +96,8 @@ def load_hf_folder(folder):
                 if hc.get(k, ok) != ok]
     if rope_type != "default":
         problems.append(f"rope type {rope_type!r} (RoPE scaling)")
+    if set(hc.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+        problems.append(f"layer_types {sorted(set(hc['layer_types']))} (sliding-window layers)")
     if problems:
         raise SystemExit(f"{folder}: {', '.join(problems)} has no equivalent in model.py; cannot load it")
     n_head = hc["num_attention_heads"]

@@ -141,6 +141,8 @@ def test_load_hf_folder_refusals(tmp_path):
         load_hf_folder(folder("bias", {**cfg, "attention_bias": True}))
     with pytest.raises(SystemExit, match=r"rope type 'yarn'"):
         load_hf_folder(folder("yarn", {**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}))
+    with pytest.raises(SystemExit, match=r"sliding-window layers"):
+        load_hf_folder(folder("window", {**cfg, "layer_types": ["full_attention", "sliding_attention"]}))
     with pytest.raises(SystemExit, match="weights do not match"):
         load_hf_folder(folder("layers", {**cfg, "num_hidden_layers": 3}))
     with pytest.raises(SystemExit, match="shapes disagree"):
