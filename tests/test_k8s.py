@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-yaml = pytest.importorskip("yaml")  # pyyaml: a test-only dependency
+yaml = pytest.importorskip("yaml", reason="pyyaml is not installed: pip install pyyaml (a test-only dependency)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(ROOT, "k8s")
@@ -70,7 +70,7 @@ def run_config(path):
     """A config file's settings (they are plain Python)."""
     namespace = {}
     exec(compile(open(os.path.join(ROOT, path)).read(), path, "exec"), namespace)
-    return {k: v for k, v in namespace.items() if not k.startswith("_")}
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not hasattr(v, "__file__")}  # as configurator.py
 
 
 # ---- the manifests --------------------------------------------------------------------------------------------
