@@ -147,6 +147,8 @@ def test_pretrain_paths_agree_with_its_config_and_grpo_starts_from_them():
     grpo = next(c for c in containers("grpo-job.yaml") if c["name"] == "grpo")
     init_from = {e["name"]: e.get("value") for e in grpo["env"]}["INIT_FROM"]
     assert init_from == f"{out_dir}/ckpt.pt"
+    usmle = run_config("config/usmle.py")  # and the GRPO job agrees with its config, so a by-hand run finds the same files
+    assert init_from == usmle["init_from"] and re.search(r"^OUT=(\S+)", script_of(grpo), re.M).group(1) == usmle["out_dir"]
 
 
 # ---- the preemption wrapper, run with a fake python ------------------------------------------------------------
