@@ -80,8 +80,7 @@ def recover_merges(ranks):
     return merges
 
 
-def write_gpt2_tokenizer(folder, model_max_length):
-    ranks, enc = gpt2_ranks()
+def write_gpt2_tokenizer(folder, model_max_length, ranks, enc):
     b2u = bytes_to_unicode()
     spell = lambda bs: "".join(b2u[b] for b in bs)
     eos = "<|endoftext|>"
@@ -138,6 +137,13 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
         raise SystemExit(f"export_hf: --dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise SystemExit(f"export_hf: {out} exists and is not empty; pass --overwrite or choose another --out")
+    tok = ckpt.get("tokenizer") or {}
+    name = tok.get("tokenizer")
+    if name == "gpt2":  # before writing anything: offline without TIKTOKEN_GPT2_FILE this is where it stops
+        try:
+            gpt2 = gpt2_ranks()
+        except RuntimeError as e:
+            raise SystemExit(f"export_hf: {e}")
     os.makedirs(out, exist_ok=True)
     model = model_from_checkpoint(ckpt)
     cfg = model.cfg
@@ -152,7 +158,6 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     os.umask(umask)
     os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; a server running as another user must read it
 
-    tok = ckpt.get("tokenizer") or {}
     eos_id = tok.get("eos_id")
     hf = hf_config_dict(cfg)
     hf.update(rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5 reads this
@@ -162,13 +167,15 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     write_json(out, "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
                                                "do_sample": True, "temperature": 1.0})
 
-    name = tok.get("tokenizer")
     if name == "gpt2":
-        write_gpt2_tokenizer(out, cfg.block_size)
+        write_gpt2_tokenizer(out, cfg.block_size, *gpt2)
         note = "GPT-2 tokenizer (tokenizer.json, vocab.json, merges.txt), checked against tiktoken"
     elif name and os.path.isfile(name):  # an HF tokenizer.json the data was prepared with
         shutil.copyfile(name, os.path.join(out, "tokenizer.json"))
-        write_json(out, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size})
+        with open(name, encoding="utf-8") as f:  # EOS by its text, so transformers' tokenizer knows it too
+            eos = next((t["content"] for t in json.load(f).get("added_tokens", []) if t["id"] == eos_id), None)
+        write_json(out, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+                                                  "model_max_length": cfg.block_size})
         note = f"tokenizer.json copied from {name}"
     elif name == "char":
         note = "NO tokenizer files: a char-level vocabulary has no transformers tokenizer; ids are positions in ckpt['tokenizer']['chars']"

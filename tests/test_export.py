@@ -166,6 +166,8 @@ def test_custom_tokenizer_json_is_copied_and_read_back(tmp_path):
     back = load_hf_folder(out)["tokenizer"]
     assert back == {**entry, "tokenizer": os.path.join(out, "tokenizer.json")}
     assert load_tokenizer(back).encode("the fever") == load_tokenizer(entry).encode("the fever")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.eos_token_id == entry["eos_id"] and hf_tok("the fever")["input_ids"] == load_tokenizer(entry).encode("the fever")
 
 
 @pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason=f"{GPT2_FILE} not found: the GPT-2 tokenizer test needs tiktoken's ranks offline")
