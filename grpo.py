@@ -22,6 +22,7 @@ Writes out_dir/ckpt.pt (kind "grpo", the checkpoint format of train.py), log.jso
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -687,10 +688,13 @@ if __name__ == "__main__":
     def reward_fn(text, ex):
         return tasks.reward(ex["task"], text, ex), tasks.is_parsable(ex["task"], text, ex)
 
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
+        signal.signal(sig, lambda s, f: stop_signal.append(s))
     if step == 0:
         log_record({"step": 0, **run_eval(0)})
     t_start, start_step = time.time(), step
-    while step < max_steps:
+    while step < max_steps and not stop_signal:
         lr_now = lr * min(1.0, (step + 1) / max(1, warmup_steps))
         m, samples = grpo_step(policy, ref, optimizer, tok, next_prompts(), config, reward_fn, lr_now, dev, autocast)
         step += 1
@@ -707,6 +711,8 @@ if __name__ == "__main__":
         if (eval_every and step % eval_every == 0) or step == max_steps:
             rec.update(run_eval(step))
         log_record(rec)
-        if step % save_every == 0 or step == max_steps:
+        if step % save_every == 0 or step == max_steps or stop_signal:
             save(step)
+    if stop_signal:
+        print(f"stopped by signal after step {step}; resume with --init_from=resume")
     log_file.close()
