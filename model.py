@@ -136,11 +136,9 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.is_cuda and mask is None:
         from torch.nn.attention import sdpa_kernel
-        if k.shape[1] != q.shape[1]:  # cuDNN's kernel takes no GQA: repeat K/V heads (cheap next to its speed)
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # cuDNN takes GQA as it is: 2.25 ms fwd+bwd at medium-large vs 2.44 with K/V repeated, 3.63 for flash (BENCHMARKS.md)
         with sdpa_kernel(_sdpa_backends(), set_priority=True):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=dropout_p, enable_gqa=True)
@@ -349,14 +347,20 @@ class Attention(nn.Module):
         self.dsa_top_k, self.dsa_stage = cfg.dsa_top_k, cfg.dsa_stage
         self.indexer_loss = None  # L_I of the last forward that asked for it (GPT.losses collects it)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, irope=None, indexer_loss=False):
+    def project(self, x, cos, sin):
+        """q (B, T, H, D), k and v (B, T, Hkv, D), normed and rotated: what attention sees (bench_dsa.py reads it too)."""
         B, T, _ = x.shape
         hq, hkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([hq, hkv, hkv], dim=-1)
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim))  # QK-norm before RoPE, as Qwen3
         k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim))
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, irope=None, indexer_loss=False):
+        B, T, _ = x.shape
+        hq = self.n_head * self.head_dim
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -500,6 +504,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _apply(self, fn, *args, **kwargs):
+        """Keep the RoPE tables in float32 when the model is cast (model.to(torch.bfloat16) for decoding)."""
+        super()._apply(fn, *args, **kwargs)
+        for name in [n for n, b in self.named_buffers(recurse=False) if n.endswith(("_cos", "_sin"))]:
+            setattr(self, name, getattr(self, name).float())
+        return self
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

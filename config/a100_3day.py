@@ -1,6 +1,6 @@
 # The seed's 3-day recipe (1.5x the tokens of a100_2day.py): medium-large (401,277,888 parameters), 3B tokens of 85% FineWeb-Edu + 15% MedQA-style
 # text, 524,288 tokens per step = 16 x 2048 x 16 accumulation, lr 3e-4 -> 3e-5 cosine, 100M warmup tokens.
-# data: python prepare_data.py --hf HuggingFaceFW/fineweb-edu --hf-config sample-10BT --hf-weight 0.85 \
+# data: python prepare_data.py --hf HuggingFaceFW/fineweb-edu:0.85 --hf-config sample-10BT \
 #         --source medmcqa.jsonl:0.15 --max-tokens 2100000000 --out data/fineweb_medqa   (see README)
 out_dir = "out/a100_3day"
 data_dir = "data/fineweb_medqa"
