@@ -35,6 +35,7 @@ parser.add_argument("--decode_batch", type=int, default=256)
 parser.add_argument("--prompt_len", type=int, default=128)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--device", default="cuda")
+parser.add_argument("--attention_table", action="store_true", help="also time causal attention fwd+bwd per SDPA backend")
 parser.add_argument("--json", default=None, help="write all results here")
 
 
@@ -84,6 +85,40 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
     return result
 
 
+def attention_table(cfg, batch, block, device):
+    """Causal attention forward+backward (ms) at the model's shape, per SDPA backend; K/V repeated for backends
+    that take no grouped-query heads (cuDNN), and given as GQA where the backend accepts it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import triton.testing
+    q = torch.randn(batch, cfg.n_head, block, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kv = [torch.randn(batch, cfg.n_kv_head, block, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    rep = cfg.n_head // cfg.n_kv_head
+    out = {}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for gqa in (True, False):
+            def run():
+                k, v = (kv[0], kv[1]) if gqa else (kv[0].repeat_interleave(rep, 1), kv[1].repeat_interleave(rep, 1))
+                with sdpa_kernel(backend):
+                    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+                y.sum().backward()
+            name = f"{backend.name.lower()}{' gqa' if gqa else ' repeated kv'}"
+            try:
+                out[name] = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
+            except Exception as e:
+                out[name] = f"{type(e).__name__}"
+    try:  # the flash-attn package, where installed
+        flash = M._load_flash()
+        qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, *kv))
+
+        def run_flash():
+            o = flash(qf, kf, vf, causal=True)
+            (o[0] if isinstance(o, tuple) else o).sum().backward()
+        out["flash-attn package"] = triton.testing.do_bench(run_flash, warmup=50, rep=300, return_mode="median")
+    except Exception as e:
+        out["flash-attn package"] = f"not measured: {str(e)[:80]}"
+    return out
+
+
 def release():
     gc.collect()
     torch._dynamo.reset()
@@ -126,6 +161,7 @@ def main(args):
                  flops_per_token=meta_model.flops_per_token(args.block_size))
         rows.append(r)
         release()
+    attn = attention_table(meta_model.cfg, args.micro_batch, args.block_size, device) if args.attention_table else None
     decode = None
     if args.decode:
         model = GPT(make_config(args.preset)).to(device=device, dtype=torch.bfloat16).eval()
@@ -152,12 +188,16 @@ def main(args):
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {ratio:>6}")
+    if attn:
+        print(f"causal attention fwd+bwd, {args.micro_batch} x {meta_model.cfg.n_head} heads x {args.block_size}, head_dim {meta_model.cfg.head_dim}:")
+        for k, v in attn.items():
+            print(f"  {k:<32} {v:.3f} ms" if isinstance(v, float) else f"  {k:<32} {v}")
     if decode:
         print(f"generate(): batch {decode['batch']}, prompt {decode['prompt_len']}, {decode['new_tokens']} new tokens: "
               f"{decode['new_tokens_per_s']:,.0f} new tokens/s ({decode['seconds']:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "params": n_params, "rows": rows, "decode": decode,
+            json.dump({"preset": args.preset, "params": n_params, "rows": rows, "decode": decode, "attention": attn,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}, f, indent=1)
 
 
