@@ -8,13 +8,13 @@ mkdir -p "$OUT"
 export TIKTOKEN_GPT2_FILE=$SRC/gpt2.tiktoken PYTHONUNBUFFERED=1
 python prepare_data.py --source $SRC/gutenberg/train.parquet --val-source $SRC/gutenberg/val.parquet --out data/gutenberg
 python prepare_data.py --tokenizer char --source $SRC/tinyshakespeare/input.txt --val-fraction 0.1 --out data/shakespeare_char
-start=$(date +%s.%N)
+SECONDS=0
 python train.py config/gutenberg.py "$@" 2>&1 | tee "$OUT/gutenberg.log"
-echo "gutenberg wall seconds: $(echo "$(date +%s.%N) - $start" | bc)" | tee -a "$OUT/gutenberg.log"
+echo "gutenberg wall seconds: $SECONDS" | tee -a "$OUT/gutenberg.log"
 python sample.py --ckpt out/gutenberg/ckpt.pt --start "It was a dark and stormy night" --num_samples 2 --max_new_tokens 120 --seed 1 2>&1 | tee "$OUT/gutenberg_sample.txt"
 python analyze.py loss out/gutenberg/log.jsonl --out "$OUT/gutenberg_loss.png"
 python analyze.py attention --ckpt out/gutenberg/ckpt.pt --data data/gutenberg --out "$OUT/gutenberg_attention.png" | tee -a "$OUT/gutenberg.log"
 python train.py config/shakespeare_char.py 2>&1 | tee "$OUT/shakespeare.log" | grep -E "eval|step 5000|switches|model:"
 python analyze.py loss out/shakespeare_char/log.jsonl --out "$OUT/shakespeare_loss.png"
 grep -E "eval step" "$OUT/gutenberg.log" | tail -1; grep "wall seconds" "$OUT/gutenberg.log"
-grep -E "eval step" "$OUT/shakespeare.log" | sort -t' ' -k7 -n | head -1
+grep -E "eval step" "$OUT/shakespeare.log" | sort -t' ' -k6 -g | head -1
