@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--hf", metavar="NAME[:weight]", help="HuggingFace dataset streamed with datasets.load_dataset")
     p.add_argument("--hf-config", help="HF dataset config, e.g. sample-10BT")
     p.add_argument("--hf-split", default="train")
-    p.add_argument("--hf-max-docs", type=int, help="stop the HF stream after this many documents")
+    p.add_argument("--hf-max-docs", type=int, help="stop the HF stream after this many documents (a weighted mix without --max-tokens reads every source to its end)")
     p.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 | char | path/to/tokenizer.json")
     p.add_argument("--out", help="output folder, e.g. data/gutenberg")
@@ -520,38 +520,47 @@ def _mp_encode(texts):
 
 
 def bench(args, rounds=5):
-    """Raw tok.encode_batch (tiktoken's encode_ordinary_batch for gpt2) on documents already in memory vs the
-    whole pipeline (read from disk, encode, write) on the same documents, rounds interleaved; best of each."""
+    """Raw tok.encode_batch (tiktoken's encode_ordinary_batch for gpt2) on documents in memory vs the whole pipeline
+    (read from disk, encode, write) on the same documents; plus the two ways to spread encoding over cores, in memory.
+    Rounds are interleaved so load from other processes hits all alike; best and median of each are printed."""
     import multiprocessing as mp
     args.val_source, args.overwrite = None, True
     sources = make_sources(args)
     texts = [d for s in sources for d in docs(s, args)]
     tok = get_tokenizer(args.tokenizer, sorted(set().union(*map(set, texts))) if args.tokenizer == "char" else None)
     n = sum(map(len, tok.encode_batch(texts)))
-    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    print(f"bench: {len(texts):,d} documents, {mb:.1f} MB, {n:,d} tokens, {args.threads} threads, {os.cpu_count()} cores, {rounds} rounds")
-    raw, pipe, proc = [], [], []
+    print(f"bench: {len(texts):,d} documents, {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB, {n:,d} tokens, "
+          f"{args.threads} threads, {os.cpu_count()} cores, {rounds} rounds")
+
+    def pipeline():
+        shutil.rmtree(args.out, ignore_errors=True)  # else later rounds are "up to date"
+        prepare(args, quiet=True)
+
+    def process_pool():
+        with mp.Pool(args.threads, _mp_init, (args.tokenizer,)) as pool:
+            return sum(pool.imap(_mp_encode, groups(texts)))
+
+    runs = {"raw encode_batch, in memory": lambda: tok.encode_batch(texts),
+            "thread pool (encode_stream), in memory": lambda: sum(len(a) for _, a in encode_stream(tok, iter(texts), args.threads)),
+            "process pool, in memory": process_pool,
+            "prepare_data pipeline, disk to disk": pipeline}
+    if args.tokenizer == "char":
+        del runs["process pool, in memory"]  # its workers would need the chars
+    wall, cpu = {k: [] for k in runs}, {k: 0.0 for k in runs}
     with tempfile.TemporaryDirectory() as d:
         args.out = os.path.join(d, "ds")
-        for r in range(rounds):
-            t = time.time()
-            tok.encode_batch(texts)
-            raw.append(time.time() - t)
-            shutil.rmtree(args.out, ignore_errors=True)  # else the second round is "up to date"
-            t = time.time()
-            prepare(args, quiet=True)
-            pipe.append(time.time() - t)
-            if args.tokenizer != "char":  # the alternative to threads: a process pool on ~1 MB groups
-                t = time.time()
-                with mp.Pool(args.threads, _mp_init, (args.tokenizer,)) as pool:
-                    assert sum(pool.imap(_mp_encode, groups(texts))) == n
-                proc.append(time.time() - t)
-    fmt = lambda ts: f"{n / min(ts) / 1e6:.2f}M tok/s (best; median {n / statistics.median(ts) / 1e6:.2f}M)"
-    print(f"raw encode_batch (in memory)      : {fmt(raw)}")
-    if proc:
-        print(f"process pool encode (in memory)   : {fmt(proc)}")
-    print(f"prepare_data pipeline (disk->disk): {fmt(pipe)}")
-    print(f"pipeline / raw = {min(raw) / min(pipe):.2f} (best vs best), {statistics.median(raw) / statistics.median(pipe):.2f} (median vs median)")
+        for _ in range(rounds):
+            for k, fn in runs.items():
+                t, c = time.time(), sum(os.times()[:4])  # CPU seconds of this process and its finished children
+                fn()
+                wall[k].append(time.time() - t)
+                cpu[k] += sum(os.times()[:4]) - c
+    for k in runs:
+        print(f"{k:<40s} {n / min(wall[k]) / 1e6:6.2f}M tok/s best, {n / statistics.median(wall[k]) / 1e6:6.2f}M median, "
+              f"{n * rounds / cpu[k] / 1e6:6.2f}M tok per CPU-second")
+    raw, pipe = wall["raw encode_batch, in memory"], wall["prepare_data pipeline, disk to disk"]
+    print(f"pipeline / raw encode_batch throughput: {min(raw) / min(pipe):.2f} best vs best, "
+          f"{statistics.median(raw) / statistics.median(pipe):.2f} median vs median")
     return min(raw) / min(pipe)
 
 
