@@ -264,7 +264,7 @@ def tokenize_source(i, src, tok, args, dtype, out, val_f, cap, bar):
     else:
         texts, draw = itertools.chain(first, it), lambda: rng.random() < vf
     eos = np.array([tok.eos_id], dtype=dtype)
-    st = dict(lens=[], bytes=[], documents=0, val_tokens=0, val_documents=0, val_bytes=0,
+    st = dict(lens=[], bytes=[], documents=0, val_tokens=0, val_documents=0, val_bytes=0, complete=cap != 0,
               tmp=os.path.join(out, f"{TMP}src{i}.bin"))
     train_tokens, buf = 0, []
     with open(st["tmp"], "wb") as f:
@@ -290,6 +290,7 @@ def tokenize_source(i, src, tok, args, dtype, out, val_f, cap, bar):
             if bar.est and st["documents"] % 64 == 1:  # ETA: all the text at the tokens-per-byte seen so far
                 bar.total = int(min(bar.n * bar.est / bar.seen, bar.cap))
             if cap is not None and train_tokens >= cap:
+                st["complete"] = False  # the rest of the source was never read
                 break
         if buf:
             np.concatenate(buf).tofile(f)
@@ -470,7 +471,7 @@ def build(args, sources, tok, dtype, quiet):
         (_, tt, td, _), nat = next(per_train) if s["role"] == "train" else ((None, 0, 0, 0), 0)
         meta_sources.append(dict(name=s["name"], path=s["path"], role=s["role"], weight=s["weight"], documents=st["documents"],
                                  train_tokens=tt, train_documents=td, val_tokens=st["val_tokens"], val_documents=st["val_documents"],
-                                 fraction=round(tt / max(1, splits["train"]["tokens"]), 6), epochs=round(tt / nat, 4) if nat else 0.0))
+                                 fraction=round(tt / max(1, splits["train"]["tokens"]), 6), epochs=round(tt / nat, 4) if nat and st["complete"] else None))
     meta = dict(tokenizer=args.tokenizer, vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype)
     if tok.name == "char":
         meta["chars"] = tok.chars
@@ -482,8 +483,9 @@ def build(args, sources, tok, dtype, quiet):
         names.append("tokenizer.json")
     if not quiet:
         for m in meta_sources:
+            epochs = "read in part" if m["epochs"] is None else f"{m['epochs']:g} epochs"
             print(f"{m['name']:<36s} ({m['role']}) {m['documents']:>9,d} docs -> train {m['train_tokens']:>13,d} tok "
-                  f"({m['fraction']:.1%} of train, {m['epochs']:g} epochs), val {m['val_tokens']:>11,d} tok")
+                  f"({m['fraction']:.1%} of train, {epochs}), val {m['val_tokens']:>11,d} tok")
         for k, v in splits.items():
             print(f"{k}: {v['tokens']:,d} tokens, {v['documents']:,d} documents, {v['bytes']:,d} bytes -> {', '.join(v['files'])}")
     commit(out, names, meta)
@@ -557,7 +559,7 @@ def bench(args, rounds=5):
                 cpu[k] += sum(os.times()[:4]) - c
     for k in runs:
         print(f"{k:<40s} {n / min(wall[k]) / 1e6:6.2f}M tok/s best, {n / statistics.median(wall[k]) / 1e6:6.2f}M median, "
-              f"{n * rounds / cpu[k] / 1e6:6.2f}M tok per CPU-second")
+              f"{n * rounds / max(cpu[k], 1e-9) / 1e6:6.2f}M tok per CPU-second")
     raw, pipe = wall["raw encode_batch, in memory"], wall["prepare_data pipeline, disk to disk"]
     print(f"pipeline / raw encode_batch throughput: {min(raw) / min(pipe):.2f} best vs best, "
           f"{statistics.median(raw) / statistics.median(pipe):.2f} median vs median")

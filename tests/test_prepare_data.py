@@ -143,7 +143,7 @@ def test_mixture_fractions_and_meta(tmp_path):
     assert abs(train - 60000) < 200
     assert abs(src["big.jsonl"]["train_tokens"] / train - 0.85) < 0.005
     assert abs(src["small.parquet"]["train_tokens"] / train - 0.15) < 0.005
-    assert src["small.parquet"]["epochs"] > 1 > src["big.jsonl"]["epochs"]  # small repeated, big truncated
+    assert src["small.parquet"]["epochs"] > 1 and src["big.jsonl"]["epochs"] is None  # small repeated, big read in part
     assert train == sum(s["train_tokens"] for s in meta["sources"])
     assert meta["splits"]["val"]["tokens"] == sum(s["val_tokens"] for s in meta["sources"])
     for s in meta["sources"]:
@@ -257,3 +257,9 @@ def test_dtype_choice_and_large_vocab(tmp_path):
     tk2.save(str(tmp_path / "noeos.json"))
     with pytest.raises(SystemExit, match=r"no end-of-text token .* its special tokens are \['<pad>'\]"):
         run("--source", src, "--tokenizer", tmp_path / "noeos.json", "--out", tmp_path / "o3")
+
+
+def test_bench_smoke(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in DOCS])
+    assert P.bench(P.parse_args(["--source", src, "--tokenizer", "char", "--bench"]), rounds=1) > 0
+    assert "pipeline / raw encode_batch throughput" in capsys.readouterr().out
