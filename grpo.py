@@ -51,11 +51,12 @@ task = "medmcqa"  # medqa | medmcqa | pubmedqa | gsm8k | addition
 train_data = "../shared/data/medmcqa/questions.jsonl"  # jsonl of the task's schema; "" = generated (addition) or the HF hub
 train_n = 0  # a seeded subset of this many prompts; 0 = all
 addition_digits = (1, 4)  # addition: digits per operand (lo, hi), as `tasks.py synth` writes pretraining text
-shuffle_options = True  # MCQ: shuffle each question's options (stable per question) so no letter is always right
+shuffle_options = True  # MCQ training prompts: shuffle each question's options (stable per question) against letter bias
 # held-out evaluation
 eval_task = "medqa"
 eval_data = "../shared/data/medqa/dev.jsonl"  # "" = generated (addition: its disjoint eval split) or the HF hub
 eval_n = 0  # examples (0 = all); taken out of the training prompts when evaluation reads the training file
+eval_seed = 0  # which eval_n examples: the same subset eval.py takes by default (--seed 0)
 eval_mode = "both"  # MCQ: "loglik" (letters' log-likelihood, as lm-eval medqa_4options) | "generate" (greedy) | "both"
 eval_every = 25  # steps; also before the first step and after the last; 0 = only those two
 eval_max_new_tokens = 32
@@ -571,7 +572,7 @@ if __name__ == "__main__":
     for name in (task, eval_task):
         if name not in tasks.TASKS:
             raise SystemExit(f"unknown task {name!r}; one of {tasks.TASKS}")
-    eval_examples = load_examples(eval_task, eval_data, eval_n, seed, shuffle_options, "eval", addition_digits)
+    eval_examples = load_examples(eval_task, eval_data, eval_n, eval_seed, False, "eval", addition_digits)  # as published
     train_examples = [] if eval_only else load_examples(task, train_data, train_n, seed, shuffle_options, "train", addition_digits)
     if train_data and eval_data and os.path.abspath(train_data) == os.path.abspath(eval_data):
         held = {e["id"] for e in eval_examples}

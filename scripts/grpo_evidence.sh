@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU evidence for grpo.py (BENCHMARKS.md, "## GRPO"). Each stage is one command, each under ~8 minutes on an H100:
+#
+#   bash scripts/grpo_evidence.sh addition_pretrain   # only without CKPT_ADDITION: Gutenberg + 10% addition text, small
+#   bash scripts/grpo_evidence.sh addition            # held-out addition accuracy before / GRPO / after, reward curve
+#   bash scripts/grpo_evidence.sh med_pretrain        # only without CKPT_MED: Gutenberg + MedMCQA text, small
+#   bash scripts/grpo_evidence.sh med                 # MedQA dev, loglik + generative, before / GRPO on MedMCQA / after
+#   bash scripts/grpo_evidence.sh bench               # rollout new tokens/s: ours vs transformers, medium-large, 256 x 256
+#
+# Inputs (environment):
+#   DATA           folder with gpt2.tiktoken, gutenberg/, medmcqa/questions.jsonl, medqa/dev.jsonl   [../shared/data]
+#   OUT            where everything is written                                                    [out/evidence]
+#   CKPT_ADDITION  a checkpoint pretrained with the addition text in the mix  [$OUT/pretrain_addition/ckpt.pt]
+#   CKPT_MED       a checkpoint pretrained with MedMCQA text in the mix       [$OUT/pretrain_med/ckpt.pt]
+#   ADD_STEPS, MED_STEPS   GRPO steps                                         [200, 100]
+#   PRETRAIN_TOKENS        tokens of the *_pretrain stages                    [30000000]
+# Results: $OUT/*.json (eval.py), $OUT/grpo_*/log.jsonl and reward_curve.png, $OUT/bench_rollout.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-out/evidence}
+export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$DATA/gpt2.tiktoken}
+CKPT_ADDITION=${CKPT_ADDITION:-$OUT/pretrain_addition/ckpt.pt}
+CKPT_MED=${CKPT_MED:-$OUT/pretrain_med/ckpt.pt}
+mkdir -p "$OUT"
+
+need() { [ -e "$1" ] || { echo "missing $1: $2" >&2; exit 2; }; }
+
+case "${1:-}" in
+addition_pretrain)  # ~1 min data + ~4 min training (small preset, 12 layers, 30M tokens)
+    need "$DATA/gutenberg/train.parquet" "set DATA to a folder holding gutenberg/{train,val}.parquet"
+    python tasks.py synth --task addition --n 400000 --seed 0 --out "$OUT/addition_text.jsonl"
+    python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.9" --source "$OUT/addition_text.jsonl:0.1" \
+        --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_gutenberg_addition" --overwrite
+    python train.py config/gutenberg.py --data_dir="$OUT/data_gutenberg_addition" --out_dir="$OUT/pretrain_addition" \
+        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
+    ;;
+addition)  # ~1 min of evaluations + ~3 min of GRPO
+    need "$CKPT_ADDITION" "set CKPT_ADDITION, or run the addition_pretrain stage first"
+    python eval.py --ckpt "$CKPT_ADDITION" --task addition --n 1000 --max_new_tokens 8 --batch 500 --json "$OUT/addition_before.json"
+    python grpo.py config/grpo_addition.py --init_from="$CKPT_ADDITION" --out_dir="$OUT/grpo_addition" \
+        --max_steps="${ADD_STEPS:-200}"
+    python eval.py --ckpt "$OUT/grpo_addition/ckpt.pt" --task addition --n 1000 --max_new_tokens 8 --batch 500 \
+        --json "$OUT/addition_after.json"
+    ;;
+med_pretrain)  # ~4 min: Gutenberg + MedMCQA questions written as "Question ... Answer: X" documents
+    need "$DATA/medmcqa/questions.jsonl" "set DATA to a folder holding medmcqa/questions.jsonl"
+    python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.8" --source "$DATA/medmcqa/questions.jsonl:0.2" \
+        --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_gutenberg_med" --overwrite
+    python train.py config/gutenberg.py --data_dir="$OUT/data_gutenberg_med" --out_dir="$OUT/pretrain_med" \
+        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
+    ;;
+med)  # ~1 min of evaluations + ~5 min of GRPO (config/usmle.py, shortened)
+    need "$CKPT_MED" "set CKPT_MED, or run the med_pretrain stage first"
+    need "$DATA/medqa/dev.jsonl" "set DATA to a folder holding medqa/dev.jsonl and medmcqa/questions.jsonl"
+    python eval.py --ckpt "$CKPT_MED" --task medqa --data "$DATA/medqa/dev.jsonl" --mode both --show 2 \
+        --json "$OUT/medqa_before.json"
+    python grpo.py config/usmle.py --init_from="$CKPT_MED" --out_dir="$OUT/grpo_med" \
+        --train_data="$DATA/medmcqa/questions.jsonl" --eval_data="$DATA/medqa/dev.jsonl" \
+        --max_steps="${MED_STEPS:-100}" --eval_every=50 --save_every=1000
+    python eval.py --ckpt "$OUT/grpo_med/ckpt.pt" --task medqa --data "$DATA/medqa/dev.jsonl" --mode both --show 2 \
+        --json "$OUT/medqa_after.json"
+    ;;
+bench)  # ~2 min: medium-large random weights, batch 256, 128-token prompts, 256 new tokens
+    python bench_rollout.py --json "$OUT/bench_rollout.json"
+    ;;
+*)
+    sed -n '2,18p' "$0"
+    exit 1
+    ;;
+esac
