@@ -32,6 +32,8 @@ Output: token ids as uint16 (uint32 if the vocab needs it), every document follo
 meta.json: tokenizer, vocab_size, eos_id, dtype, chars (char only), splits.{train,val}.{files,tokens,
 documents,bytes} (bytes = UTF-8 bytes of the split's text, EOS excluded: tokens/bytes gives bits per byte),
 sources[...], args, inputs. Files are written under temporary names and renamed at the end, meta.json last.
+Rerunning with the same arguments (and input file sizes) prints "up to date" and does nothing (delete --out to
+force a rebuild); different arguments into an existing dataset stop with an error unless --overwrite.
 """
 import argparse
 import glob
@@ -484,8 +486,8 @@ def build(args, sources, tok, dtype, quiet):
     if not quiet:
         for m in meta_sources:
             epochs = "read in part" if m["epochs"] is None else f"{m['epochs']:g} epochs"
-            print(f"{m['name']:<36s} ({m['role']}) {m['documents']:>9,d} docs -> train {m['train_tokens']:>13,d} tok "
-                  f"({m['fraction']:.1%} of train, {epochs}), val {m['val_tokens']:>11,d} tok")
+            train = f"train {m['train_tokens']:>13,d} tok ({m['fraction']:.1%} of train, {epochs}), " if m["role"] == "train" else ""
+            print(f"{m['name']:<36s} {m['documents']:>9,d} docs -> {train}val {m['val_tokens']:,d} tok")
         for k, v in splits.items():
             print(f"{k}: {v['tokens']:,d} tokens, {v['documents']:,d} documents, {v['bytes']:,d} bytes -> {', '.join(v['files'])}")
     commit(out, names, meta)
