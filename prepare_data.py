@@ -121,7 +121,7 @@ def row_text(row, column, where):
     if column in row:
         return row[column]
     if {"question", "options", "answer_idx"} <= row.keys():
-        return format_mcq(row["question"], row["options"]) + " " + row["answer_idx"]
+        return format_mcq(row["question"], row["options"]) + " " + str(row["answer_idx"])
     if {"question", "answer"} <= row.keys():
         return f"Question: {row['question']}\nAnswer: {row['answer']}"
     die(f"{where}: no '{column}' field and not a MedQA (question/options/answer_idx) or GSM8K (question/answer) row; "
