@@ -40,7 +40,7 @@ def gpt2_tokenizer():
     def to_array(text):
         try:  # encode_to_numpy with nothing allowed == encode_ordinary, minus the Python list
             return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-        except UnicodeEncodeError:  # lone surrogates: encode_ordinary knows how to repair them
+        except (UnicodeEncodeError, AttributeError):  # lone surrogates (encode_ordinary repairs them); tiktoken < 0.7
             return np.array(enc.encode_ordinary(text), dtype=np.uint32)
 
     return SimpleNamespace(name="gpt2", vocab_size=enc.n_vocab, eos_id=enc.eot_token,
