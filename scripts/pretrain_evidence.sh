@@ -6,8 +6,8 @@ SRC=${SRC:-../shared/data}
 OUT=${OUT:-out/evidence}
 mkdir -p "$OUT"
 export TIKTOKEN_GPT2_FILE=$SRC/gpt2.tiktoken PYTHONUNBUFFERED=1
-python prepare_data.py --source $SRC/gutenberg/train.parquet --val-source $SRC/gutenberg/val.parquet --out data/gutenberg
-python prepare_data.py --tokenizer char --source $SRC/tinyshakespeare/input.txt --val-fraction 0.1 --out data/shakespeare_char
+python prepare_data.py --source $SRC/gutenberg/train.parquet --val-source $SRC/gutenberg/val.parquet --out data/gutenberg --overwrite
+python prepare_data.py --tokenizer char --source $SRC/tinyshakespeare/input.txt --val-fraction 0.1 --out data/shakespeare_char --overwrite
 SECONDS=0
 python train.py config/gutenberg.py "$@" 2>&1 | tee "$OUT/gutenberg.log"
 echo "gutenberg wall seconds: $SECONDS" | tee -a "$OUT/gutenberg.log"
