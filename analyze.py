@@ -45,7 +45,7 @@ def attention_distances(model, windows):
     n_bins = int(math.log2(T)) + 1
     dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
     bins = torch.floor(torch.log2(dist.clamp(min=0).float() + 1)).long().clamp(max=n_bins - 1)
-    causal = dist >= 0
+    causal = (dist >= 0).to(windows.device)
     inputs = {}
     hooks = [b.attn.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args))
              for i, b in enumerate(model.blocks)]
@@ -59,7 +59,7 @@ def attention_distances(model, windows):
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=(0, 1))  # (T, S)
-        result[i] = torch.zeros(n_bins).index_add_(0, bins[causal], probs[causal]).numpy() / T
+        result[i] = torch.zeros(n_bins).index_add_(0, bins[causal.cpu()], probs[causal].cpu()).numpy() / T
     return result
 
 

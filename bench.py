@@ -57,7 +57,7 @@ def sync(device):
 def time_training(build, batch, block, steps, warmup, device, compile_model, loss_fn):
     """Tokens/s and peak memory of full optimizer steps (forward, backward, clip, fused AdamW) on random tokens."""
     model = build().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if compile_model else model
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = model.config.vocab_size if hasattr(model, "config") else model.cfg.vocab_size
@@ -65,7 +65,7 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, losses = [], []
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
@@ -77,10 +77,13 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
         opt.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
     timed = sorted(times[warmup:])
     median = timed[len(timed) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    result = {"tokens_per_s": batch * block / median, "step_s": median, "peak_gib": peak, "loss": loss.item()}
+    # the same batch every step: a loss that does not fall means the gradients are broken, whatever the speed
+    result = {"tokens_per_s": batch * block / median, "step_s": median, "peak_gib": peak, "loss_first": losses[0],
+              "loss_last": losses[-1], "learns": losses[-1] < losses[0] - 0.1}
     del model, opt, step_model
     return result
 
@@ -180,14 +183,15 @@ def main(args):
 
     base = next((r for r in rows if r["name"].startswith("transformers") and "tokens_per_s" in r), None)
     print(f"\n{args.preset}: {n_params:,} parameters; {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
-    print(f"{'run':<78} {'batch':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs HF':>6}")
+    print(f"{'run':<78} {'batch':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs HF':>6} {'loss first->last':>17}")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['error'][:60]}")
             continue
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {ratio:>6}")
+        print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {ratio:>6} "
+              f"{r['loss_first']:>7.3f}->{r['loss_last']:.3f}{'' if r['learns'] else ' NOT LEARNING'}")
     if attn:
         print(f"causal attention fwd+bwd, {args.micro_batch} x {meta_model.cfg.n_head} heads x {args.block_size}, head_dim {meta_model.cfg.head_dim}:")
         for k, v in attn.items():

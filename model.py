@@ -422,22 +422,21 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets):
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        # out-of-place on purpose: slice writes into tensors made here came back as zero gradients under
+        # torch.compile on CUDA (train.py's grad-norm read 0.000), while the same code was right on the CPU
+        loss, grad_h, grad_w = 0.0, [], 0.0
         for i in range(0, h.shape[0], LOSS_CHUNK_ROWS):
             hc, tc = h[i:i + LOSS_CHUNK_ROWS], targets[i:i + LOSS_CHUNK_ROWS]
             logits = (hc @ weight.t()).float()
             valid = (tc >= 0).float()
             lse = torch.logsumexp(logits, dim=-1)
             tgt = tc.clamp(min=0)
-            loss += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
-            probs = torch.exp(logits - lse[:, None])  # d loss / d logits = softmax - onehot
-            probs.scatter_add_(1, tgt[:, None], -torch.ones_like(probs[:, :1]))
-            probs = (probs * valid[:, None]).to(h.dtype)
-            grad_h[i:i + LOSS_CHUNK_ROWS] = probs @ weight
-            grad_w += (probs.t() @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            loss = loss + ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+            onehot = F.one_hot(tgt, logits.shape[-1]).to(logits.dtype)
+            dlogits = ((torch.exp(logits - lse[:, None]) - onehot) * valid[:, None]).to(h.dtype)  # softmax - onehot
+            grad_h.append(dlogits @ weight)
+            grad_w = grad_w + (dlogits.t() @ hc).float()
+        ctx.save_for_backward(torch.cat(grad_h), grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
