@@ -56,7 +56,7 @@ def copy_bandwidth(dev):
 
 
 def fmt(ms):
-    return "OOM" if math.isnan(ms) else f"{ms:.2f}"
+    return "-" if ms is None else "OOM" if math.isnan(ms) else f"{ms:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def speed(args, dev):
             t_gather = timed_ms(lambda: sparse("gather", top_k), dev, iters)
             t_gather_f = timed_ms(lambda: sparse("gather", top_k, False), dev, iters)
             floor = B * T * top_k * Hkv * D * 2 * q.element_size() / bw * 1e3
-            t_kl = timed_ms(lambda: indexer_loss(top_k), dev, max(1, iters // 2)) if T <= args.kl_max_T else float("nan")
+            t_kl = timed_ms(lambda: indexer_loss(top_k), dev, max(1, iters // 2)) if T <= args.kl_max_T else None
             row = dict(T=T, B=B, k=top_k, dense_fwd=t_dense_f, dense=t_dense, select=t_sel, mask=t_mask, gather=t_gather,
                        gather_fwd=t_gather_f, floor_fwd=floor, indexer_loss=t_kl)
             results.append(row)
@@ -148,7 +148,7 @@ def decode(args, dev):
     print(f"decode: batch {B}, one query token, preset {args.preset}, {dtype}; ms per layer")
     print(" | ".join(f"{c:>10}" for c in ["T", "k", "dense", "DSA", "speed-up"]))
     results = []
-    for T in args.lengths:
+    for T in args.decode_lengths:
         torch.manual_seed(0)
         q = torch.randn(B, 1, H, D, device=dev, dtype=dtype)
         k, v = (torch.randn(B, T, Hkv, D, device=dev, dtype=dtype) for _ in range(2))
@@ -347,6 +347,7 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kl_max_T", type=int, default=8192, help="time L_I (dense-masked here, O(T^2)) up to this T")
     p.add_argument("--decode_batch", type=int, default=None)
+    p.add_argument("--decode_lengths", default=None, help="cache lengths for decode (default 2048,8192,32768,131072)")
     p.add_argument("--ckpt", default=None, help="quality: a checkpoint, dense or DSA")
     p.add_argument("--data_dir", default=None, help="quality: prepare_data.py output (train/val + meta.json)")
     p.add_argument("--block_size", type=int, default=None, help="quality: T (default: the checkpoint's)")
@@ -361,6 +362,7 @@ def main():
     args.lengths = [int(t) for t in args.lengths.split(",")] if args.lengths else ([64, 128] if args.tiny else [2048, 8192, 32768])
     args.tokens = args.tokens or (256 if args.tiny else 32768)
     args.decode_batch = args.decode_batch or (2 if args.tiny else 16)
+    args.decode_lengths = [int(t) for t in args.decode_lengths.split(",")] if args.decode_lengths else (args.lengths if args.tiny else args.lengths + [131072])
     if args.tiny:
         args.eval_tokens, args.iters, args.batch = min(args.eval_tokens, 4096), min(args.iters, 2), min(args.batch, 4)
         args.warmup_steps = args.warmup_steps or (10 if not args.ckpt else 0)

@@ -308,8 +308,8 @@ class IndexerKL(torch.autograd.Function):
         ctx.dtypes = (iq.dtype, ik.dtype, iw.dtype)
         with torch.autocast(iq.device.type, enabled=False):  # float32: a KL between sharp distributions
             iq, ik, iw, q, k = iq.float(), ik.float(), iw.float(), q.float(), k.float()
-            loss = torch.zeros((), device=iq.device)
-            grad_q, grad_k, grad_w = torch.zeros_like(iq), torch.zeros_like(ik), torch.zeros_like(iw)
+            # out-of-place throughout, like LinearCrossEntropy: slice writes gave zero gradients under torch.compile on CUDA
+            loss, grad_q, grad_k, grad_w = 0.0, [], 0.0, []
             for t0, t1 in _row_chunks(T, B * max(HI, q.shape[2]) * S):
                 keep = _keep(idx, valid, t0, t1, S, iq.device)
                 p = attention_probs(q[:, t0:t1], k, keep)
@@ -317,14 +317,15 @@ class IndexerKL(torch.autograd.Function):
                 relu = dots.relu()
                 scores = torch.einsum("bths,bth->bts", relu, iw[:, t0:t1])
                 logq = scores.masked_fill(~keep, float("-inf")).log_softmax(dim=-1)
-                loss += (torch.xlogy(p, p) - p * logq.masked_fill(~keep, 0.0)).sum()
+                loss = loss + (torch.xlogy(p, p) - p * logq.masked_fill(~keep, 0.0)).sum()
                 if want_grad:
                     g = logq.exp() - p  # d KL / d I = softmax(I) - p on the kept keys, 0 elsewhere
-                    grad_w[:, t0:t1] = torch.einsum("bts,bths->bth", g, relu)
+                    grad_w.append(torch.einsum("bts,bths->bth", g, relu))
                     g = g[:, :, None] * iw[:, t0:t1, :, None] * (dots > 0)  # d KL / d (q . k)
-                    grad_q[:, t0:t1] = torch.einsum("bths,bsd->bthd", g, ik)
-                    grad_k += torch.einsum("bths,bthd->bsd", g, iq[:, t0:t1])
-        ctx.save_for_backward(grad_q, grad_k, grad_w)
+                    grad_q.append(torch.einsum("bths,bsd->bthd", g, ik))
+                    grad_k = grad_k + torch.einsum("bths,bthd->bsd", g, iq[:, t0:t1])
+        if want_grad:
+            ctx.save_for_backward(torch.cat(grad_q, 1), grad_k, torch.cat(grad_w, 1))
         return loss
 
     @staticmethod
