@@ -498,12 +498,13 @@ class GPT(nn.Module):
         self.last_losses = {}  # DSA: {"lm", "indexer"} of the last forward with targets, detached, for logging
         if PRECISION not in ("bf16", "fp8"):
             raise ValueError(f"unknown PRECISION={PRECISION!r}; use 'bf16' or 'fp8'")
-        if PRECISION == "fp8":
-            raise NotImplementedError("PRECISION='fp8' is not implemented yet; use 'bf16'")
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if PRECISION == "fp8":  # the blocks' matmuls in FP8 (fp8.py); head, embeddings, norms stay high precision
+            from fp8 import convert_to_fp8
+            convert_to_fp8(self)
 
     def _apply(self, fn, *args, **kwargs):
         """Keep the RoPE tables in float32 when the model is cast (model.to(torch.bfloat16) for decoding)."""

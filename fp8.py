@@ -1,0 +1,109 @@
+"""
+FP8 training matmuls (model.PRECISION = "fp8"), in the style of nanochat's fp8.py.
+
+How it works. An H100/H200 multiplies 8-bit floats at about twice the bf16 rate. FP8 has little range, so
+every operand is scaled before the cast: scale = FP8_MAX / amax(tensor) ("dynamic per-tensor scaling": the
+amax is taken fresh each step, no history). The product is computed by torch._scaled_mm, which accumulates
+in higher precision and multiplies the inverse scales back in:
+
+    forward    y  = x @ W.T           x, W in e4m3 (3 mantissa bits: precision for values)
+    backward   dx = dy @ W            dy in e5m2 (5 exponent bits: range for gradients), W in e4m3
+               dW = dy.T @ x          dy in e5m2, x in e4m3
+
+Only the Linear layers inside the transformer blocks become Float8Linear (qkv, attention output, gate/up,
+down: ~85% of the FLOPs at medium-large). Embeddings, norms, the output head, the loss and the optimizer
+state stay in bf16/fp32, the split seed 002 describes. Master weights stay fp32; the state_dict is unchanged.
+`python fp8.py` times every block GEMM shape in bf16 and fp8 so a shape where FP8 loses can be left out
+(skip_fp8_shapes below).
+
+_scaled_mm wants its first operand row-major and its second column-major, with dimensions divisible by 16.
+On a CPU (tests) the same quantization is emulated with float matmuls: slow, but the numbers are FP8's.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+skip_fp8_shapes = set()  # (in_features, out_features) measured slower in FP8; filled from `python fp8.py` results
+
+
+def quantize(x, dtype):
+    """x -> (x8, inverse scale): x8 * inv_scale ~= x, with |x8| filling dtype's range."""
+    amax = x.abs().amax().float().clamp(min=1e-12)
+    scale = torch.finfo(dtype).max / amax
+    return (x.float() * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype), scale.reciprocal()
+
+
+def scaled_mm(a8, sa, b8, sb, out_dtype, fast_accum):
+    """a8 (M, K) @ b8 (K, N) with inverse scales; b8 must be a column-major view (a transposed row-major tensor)."""
+    if a8.is_cuda:
+        return torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return ((a8.float() @ b8.float()) * (sa * sb)).to(out_dtype)  # CPU: emulate, same quantization
+
+
+class _FP8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        x8, sx = quantize(x, E4M3)
+        w8, sw = quantize(weight, E4M3)
+        ctx.save_for_backward(x8, sx, w8, sw)
+        ctx.weight_dtype = weight.dtype
+        return scaled_mm(x8, sx, w8.t(), sw, torch.bfloat16, fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x8, sx, w8, sw = ctx.saved_tensors
+        g8, sg = quantize(grad_y, E5M2)
+        grad_x = scaled_mm(g8, sg, w8.t().contiguous().t(), sw, torch.bfloat16, fast_accum=False)
+        grad_w = scaled_mm(g8.t().contiguous(), sg, x8.t().contiguous().t(), sx, torch.float32, fast_accum=False)
+        return grad_x, grad_w.to(ctx.weight_dtype)
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear (no bias) whose matmul runs in FP8; parameters and state_dict as nn.Linear's."""
+
+    def forward(self, x):
+        shape = x.shape
+        y = _FP8Matmul.apply(x.reshape(-1, shape[-1]), self.weight)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def convert_to_fp8(model):
+    """Turn the Linear layers of the transformer blocks into Float8Linear, in place (same parameters)."""
+    n = 0
+    for block in model.blocks:
+        for m in block.modules():
+            if type(m) is nn.Linear and m.bias is None and (m.in_features, m.out_features) not in skip_fp8_shapes:
+                if m.in_features % 16 or m.out_features % 16:
+                    continue  # _scaled_mm needs multiples of 16
+                m.__class__ = Float8Linear
+                n += 1
+    return n
+
+
+if __name__ == "__main__":  # per-GEMM timing: bf16 vs fp8, forward + backward, at a preset's block shapes
+    import argparse
+    import triton.testing
+    from model import PRESETS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="medium-large")
+    parser.add_argument("--tokens", type=int, default=16 * 2048)
+    args = parser.parse_args()
+    c = PRESETS[args.preset]
+    shapes = {"qkv": (c.n_embd, (c.n_head + 2 * c.n_kv_head) * c.head_dim), "attn out": (c.n_head * c.head_dim, c.n_embd),
+              "gate/up": (c.n_embd, 2 * c.mlp_hidden), "down": (c.mlp_hidden, c.n_embd)}
+    print(f"{'GEMM':<10} {'in x out':>12} {'bf16 ms':>8} {'fp8 ms':>8} {'speed-up':>8}   (M = {args.tokens} tokens, fwd+bwd)")
+    for name, (k, n) in shapes.items():
+        x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        lin = nn.Linear(k, n, bias=False, device="cuda")
+        times = []
+        for cls in (nn.Linear, Float8Linear):
+            lin.__class__ = cls
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = lin(x)
+                y.backward(torch.ones_like(y))
+            times.append(triton.testing.do_bench(torch.compile(step), warmup=25, rep=200, return_mode="median"))
+        print(f"{name:<10} {k:>5} x {n:<5} {times[0]:>8.3f} {times[1]:>8.3f} {times[0] / times[1]:>7.2f}x")

@@ -1,0 +1,55 @@
+"""fp8.py on the CPU (emulated FP8): outputs and gradients near bf16's, parameters unchanged, the model learns."""
+import torch
+
+import fp8
+import model as M
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_quantize_round_trip_and_range():
+    x = torch.randn(64, 48) * 3
+    for dtype, tol in ((fp8.E4M3, 0.04), (fp8.E5M2, 0.08)):
+        x8, inv = fp8.quantize(x, dtype)
+        assert x8.dtype == dtype and x8.float().abs().max().item() == torch.finfo(dtype).max
+        assert rel(x8.float() * inv, x) < tol
+
+
+def test_float8_linear_matches_linear_forward_and_backward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(4, 10, 64, requires_grad=True)
+    y_ref = lin(x)
+    y_ref.backward(torch.ones_like(y_ref))
+    gx_ref, gw_ref = x.grad.clone(), lin.weight.grad.clone()
+    x.grad, lin.weight.grad = None, None
+    lin.__class__ = fp8.Float8Linear
+    y = lin(x)
+    y.float().backward(torch.ones_like(y, dtype=torch.float32))
+    assert y.shape == y_ref.shape
+    assert rel(y, y_ref) < 0.06 and rel(x.grad, gx_ref) < 0.1 and rel(lin.weight.grad, gw_ref) < 0.1
+    assert lin.weight.grad.dtype == torch.float32
+
+
+def test_fp8_model_keeps_its_state_dict_and_learns(monkeypatch):
+    monkeypatch.setattr(M, "PRECISION", "fp8")
+    torch.manual_seed(0)
+    m = M.GPT(M.make_config("debug", vocab_size=64))
+    kinds = {type(mod).__name__ for mod in m.blocks.modules()}
+    assert "Float8Linear" in kinds and "Linear" not in kinds
+    assert type(m.lm_head) is torch.nn.Linear  # the head stays high precision
+    monkeypatch.setattr(M, "PRECISION", "bf16")
+    ref = M.GPT(M.make_config("debug", vocab_size=64))
+    assert list(ref.state_dict()) == list(m.state_dict())
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 64, (4, 33))
+    losses = []
+    for _ in range(20):
+        loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
