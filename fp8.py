@@ -72,7 +72,9 @@ def convert_to_fp8(model):
     """Turn the Linear layers of the transformer blocks into Float8Linear, in place (same parameters)."""
     n = 0
     for block in model.blocks:
-        for m in block.modules():
+        for name, m in block.named_modules():
+            if "indexer" in name:  # DSA's small indexer projections stay in bf16
+                continue
             if type(m) is nn.Linear and m.bias is None and (m.in_features, m.out_features) not in skip_fp8_shapes:
                 if m.in_features % 16 or m.out_features % 16:
                     continue  # _scaled_mm needs multiples of 16

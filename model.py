@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 # Module-level switches. train.py / grpo.py / bench.py set them from their config and print them.
 ATTENTION = "sdpa"  # "sdpa": torch SDPA (cuDNN backend first on Hopper); "flash": the flash-attn package
 PRECISION = "bf16"  # "bf16": bf16 autocast over fp32 master weights; "fp8": FP8 matmuls in the blocks (fp8.py)
+DECODE_CUDA_GRAPH = True  # generate() on CUDA replays each decoding step as one CUDA graph
 LOSS_CHUNK_ROWS = 8192  # rows of logits made at once by the loss: 8192 x 50304 fp32 = 1.6 GB, never B x T x V
 DSA_IMPL = "mask"  # DSA's selected-key attention: "mask" (selection as a mask for dense SDPA) | "gather" (O(T k))
 DSA_CHUNK_ELEMS = 1 << 26  # DSA works on query chunks of at most this many T x S score elements (256 MB in fp32)
@@ -139,6 +140,15 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
         # cuDNN takes GQA as it is: 2.25 ms fwd+bwd at medium-large vs 2.44 with K/V repeated, 3.63 for flash (BENCHMARKS.md)
         with sdpa_kernel(_sdpa_backends(), set_priority=True):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+    elif mask is not None and q.shape[1] != k.shape[1]:
+        # cached decoding: fold each K/V head's group of query heads into the query axis, so no backend needs
+        # K/V repeated (the math fallback would copy the whole cache per layer and step)
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        rep = H // Hkv
+        mask = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, D), k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.view(B, H, T, D)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=dropout_p, enable_gqa=True)
@@ -458,20 +468,25 @@ class KVCache:
         self.ik = torch.zeros(shape[:3] + (cfg.dsa_head_dim,), dtype=dtype, device=device) if cfg.dsa_top_k else None
         self.pad = pad.to(device)
         self.slots = torch.arange(max_len, device=device)
-        self.pos = 0  # next slot to write
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # next slot, on the device: CUDA graphs replay it
+        self.length = 0  # the same count on the host, for bounds checks
 
     def update(self, layer, k, v):
-        T = k.shape[1]
-        self.k[layer, :, self.pos:self.pos + T] = k
-        self.v[layer, :, self.pos:self.pos + T] = v
+        idx = self.pos + self.slots[:k.shape[1]]
+        self.k[layer].index_copy_(1, idx, k.to(self.k.dtype))
+        self.v[layer].index_copy_(1, idx, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
     def update_indexer(self, layer, ik):
-        self.ik[layer, :, self.pos:self.pos + ik.shape[1]] = ik
+        self.ik[layer].index_copy_(1, self.pos + self.slots[:ik.shape[1]], ik.to(self.ik.dtype))
         return self.ik[layer]
 
+    def advance(self, T):
+        self.pos += T
+        self.length += T
+
     def mask_and_positions(self, T):
-        q_slots = self.slots[self.pos:self.pos + T]
+        q_slots = self.pos + self.slots[:T]
         keep = (self.slots[None, None, :] <= q_slots[None, :, None]) & (self.slots[None, None, :] >= self.pad[:, None, None])
         positions = (q_slots[None, :] - self.pad[:, None]).clamp(min=0)
         return keep[:, None], positions  # (B, 1, T, S) and (B, T)
@@ -544,7 +559,7 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.block_size})")
             cos, sin, mask = self.rope_cos[None, :T, None], self.rope_sin[None, :T, None], None
         else:
-            if cache.pos + T > self.cfg.block_size:
+            if cache.length + T > self.cfg.block_size:
                 raise ValueError(f"generation would pass the model's context ({self.cfg.block_size} tokens)")
             mask, positions = cache.mask_and_positions(T)
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
@@ -562,7 +577,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, cache, i, mask, irope, indexer_loss)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.norm(x)
         return self.head_proj(x) if self.head_proj is not None else x
 
@@ -636,13 +651,16 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         dtype = self.rope_cos.dtype if not torch.is_autocast_enabled(device.type) else torch.get_autocast_dtype(device.type)
         cache = KVCache(self.cfg, B, longest + max_new_tokens, pad, dtype, device) if use_cache else None
-        seq, step_in = idx, idx
+        seq = idx
+        if cache is not None:
+            logits = self.logits(self.hidden(idx, cache)[:, -1])  # prefill: the whole prompt block at once
+            decode = self._decoder(cache, B, device)
         for t in range(max_new_tokens):
-            if cache is not None:
-                h = self.hidden(step_in, cache)[:, -1]
-            else:  # no cache: full forward over the (left-padded) sequence each step; for tests and checks
-                h = self._hidden_padded(seq, pad)[:, -1]
-            nxt = sample_next(self.logits(h), temperature, top_k, top_p, generator)
+            if cache is None:  # a full forward over the (left-padded) sequence each step; for tests and checks
+                logits = self.logits(self._hidden_padded(seq, pad)[:, -1])
+            elif t > 0:
+                logits = decode(nxt[:, None])
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
             out[:, t] = nxt
             if eos_id is not None:
@@ -651,9 +669,36 @@ class GPT(nn.Module):
                 done |= newly
                 if t % 8 == 7 and bool(done.all()):  # check now and then: each check syncs with the GPU
                     break
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            step_in = nxt[:, None]
+            if cache is None:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
         return out, lengths
+
+    def _decoder(self, cache, B, device):
+        """One decoding step, token (B, 1) -> logits (B, V). On CUDA it is captured once as a CUDA graph and
+        replayed: a step is ~300 small kernels whose launch cost would otherwise dominate (BENCHMARKS.md)."""
+        def step(tok):
+            return self.logits(self.hidden(tok, cache)[:, -1])
+        if not (DECODE_CUDA_GRAPH and device.type == "cuda") or self.cfg.dsa_top_k:
+            return step
+        static_tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+        pos, length = cache.pos.clone(), cache.length
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces)
+            step(static_tok)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos.copy_(pos)  # undo the warm-up step; its cache write is overwritten by the first real step
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step(static_tok)  # recorded, not run: the replay advances cache.pos on the device
+        cache.length = length
+
+        def replay(tok):
+            static_tok.copy_(tok)
+            graph.replay()
+            cache.length += 1
+            return static_logits
+        return replay
 
     def _hidden_padded(self, seq, pad):
         cache = KVCache(self.cfg, seq.shape[0], seq.shape[1], pad, self.rope_cos.dtype, seq.device)
