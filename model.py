@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION = "sdpa"  # "sdpa": torch SDPA (cuDNN backend first on Hopper); "flash": the flash-attn package
 PRECISION = "bf16"  # "bf16": bf16 autocast over fp32 master weights; "fp8": FP8 matmuls in the blocks (fp8.py)
 DECODE_CUDA_GRAPH = True  # generate() on CUDA replays each decoding step as one CUDA graph
-LOSS_CHUNK_ROWS = 8192  # rows of logits made at once by the loss: 8192 x 50304 fp32 = 1.6 GB, never B x T x V
+LOSS_CHUNK_ROWS = 4096  # rows of logits made at once by the loss: 4096 x 50304 fp32 = 0.8 GB, never B x T x V
 DSA_IMPL = "mask"  # DSA's selected-key attention: "mask" (selection as a mask for dense SDPA) | "gather" (O(T k))
 DSA_CHUNK_ELEMS = 1 << 26  # DSA works on query chunks of at most this many T x S score elements (256 MB in fp32)
 
@@ -147,12 +147,22 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
         Hkv, S = k.shape[1], k.shape[2]
         rep = H // Hkv
         mask = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
-        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, D), k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.view(B, H, T, D)
+        y = _masked_sdpa(q.reshape(B, Hkv, rep * T, D), k, v, mask, dropout_p).view(B, H, T, D)
+    elif mask is not None:
+        y = _masked_sdpa(q, k, v, mask, dropout_p)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=dropout_p, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
     return y.transpose(1, 2)
+
+
+def _masked_sdpa(q, k, v, mask, dropout_p):
+    """SDPA with a boolean mask. On CUDA the memory-efficient kernel: cuDNN would build a new graph (~1 s) for
+    every new cache length, and GRPO's prompt lengths change every step."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +453,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             tgt = tc.clamp(min=0)
             loss = loss + ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
-            onehot = F.one_hot(tgt, logits.shape[-1]).to(logits.dtype)
-            dlogits = ((torch.exp(logits - lse[:, None]) - onehot) * valid[:, None]).to(h.dtype)  # softmax - onehot
+            probs = torch.exp(logits - lse[:, None])
+            dlogits = (probs.scatter_add(1, tgt[:, None], -valid[:, None]) * valid[:, None]).to(h.dtype)  # softmax - onehot
             grad_h.append(dlogits @ weight)
             grad_w = grad_w + (dlogits.t() @ hc).float()
         ctx.save_for_backward(torch.cat(grad_h), grad_w.to(weight.dtype))

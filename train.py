@@ -321,7 +321,7 @@ if __name__ == "__main__":
                 if isinstance(v, (int, float)) and k != "step":
                     tb.add_scalar(k, v, record["step"])
 
-    step, bad_steps, t_start = start_step, 0, time.time()
+    step, bad_steps, t_start, data_s = start_step, 0, time.time(), 0.0
     t_last, tokens_last = time.time(), tokens_seen
     cur_block, cur_batch, cur_accum = stage_at(tokens_seen)
     pending_state = train_batches.state()  # loader state before the prefetched batch: what a checkpoint saves
@@ -344,7 +344,9 @@ if __name__ == "__main__":
             else:
                 nxt_block, nxt_batch = cur_block, cur_batch
             pending_state = train_batches.state()
+            t_data = time.perf_counter()
             x, y = train_batches.next(nxt_batch, nxt_block, dev)  # fetched while the GPU runs this micro-step
+            data_s += time.perf_counter() - t_data
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         loss_val = (loss_sum / cur_accum).item()
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # skip the update, keep the weights
@@ -369,10 +371,13 @@ if __name__ == "__main__":
             mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
             eta = (max_steps - step) * (now - t_start) / (step - start_step)
             log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
-                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | ETA {eta / 60:.1f} min")
+                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
+            # host time in the loader over wall time: an upper bound on how long the GPU could have waited for data
+            data_share = data_s / (now - t_last)
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start})
-            t_last, tokens_last = now, tokens_seen
+                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start,
+                        "data_share": data_share})
+            t_last, tokens_last, data_s = now, tokens_seen, 0.0
         else:
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item()})
         stopping = bool(stop_signal)
