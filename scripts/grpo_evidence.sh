@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence for grpo.py (BENCHMARKS.md, "## GRPO"). Each stage is one command, each under ~8 minutes on an H100:
 #
+#   bash scripts/grpo_evidence.sh mix_pretrain        # one small model for both: Gutenberg + addition + MedMCQA text
 #   bash scripts/grpo_evidence.sh addition_pretrain   # only without CKPT_ADDITION: Gutenberg + 10% addition text, small
 #   bash scripts/grpo_evidence.sh addition            # held-out addition accuracy before / GRPO / after, reward curve
 #   bash scripts/grpo_evidence.sh med_pretrain        # only without CKPT_MED: Gutenberg + MedMCQA text, small
@@ -33,6 +34,14 @@ addition_pretrain)  # ~1 min data + ~4 min training (small preset, 12 layers, 30
     python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.9" --source "$OUT/addition_text.jsonl:0.1" \
         --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_gutenberg_addition" --overwrite
     python train.py config/gutenberg.py --data_dir="$OUT/data_gutenberg_addition" --out_dir="$OUT/pretrain_addition" \
+        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
+    ;;
+mix_pretrain)  # one checkpoint for both experiments: Gutenberg 80% + addition text 10% + MedMCQA text 10%
+    need "$DATA/medmcqa/questions.jsonl" "set DATA to a folder holding medmcqa/questions.jsonl and gutenberg/"
+    python tasks.py synth --task addition --n 400000 --seed 0 --out "$OUT/addition_text.jsonl"
+    python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.8" --source "$OUT/addition_text.jsonl:0.1" \
+        --source "$DATA/medmcqa/questions.jsonl:0.1" --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_mix" --overwrite
+    python train.py config/gutenberg.py --data_dir="$OUT/data_mix" --out_dir="$OUT/pretrain_mix" \
         --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
     ;;
 addition)  # ~1 min of evaluations + ~3 min of GRPO
