@@ -370,10 +370,10 @@ if __name__ == "__main__":
             mfu = tok_s * raw_model.flops_per_token(step_block) / (PEAK_FLOPS * WORLD)
             mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
             eta = (max_steps - step) * (now - t_start) / (step - start_step)
-            log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
-                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
             # host time in the loader over wall time: an upper bound on how long the GPU could have waited for data
             data_share = data_s / (now - t_last)
+            log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
+                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start,
                         "data_share": data_share})
