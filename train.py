@@ -334,9 +334,9 @@ if __name__ == "__main__":
         for micro in range(cur_accum):
             sync = micro == cur_accum - 1
             ctx = model.no_sync() if WORLD > 1 and not sync else nullcontext()  # all-reduce once per step
-            with ctx, autocast:
-                loss = model(x, y)
             with ctx:
+                with autocast:
+                    loss = model(x, y)
                 (loss / cur_accum).backward()
             loss_sum += loss.detach()
             if sync:  # the next step may be in another curriculum stage

@@ -173,3 +173,28 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(data):
     assert p.stdout.count("update skipped") == 3
     ckpt = checkpoint.load_checkpoint(str(data / "n" / "ckpt.pt"))
     assert ckpt["step"] == 1 + 3 - 1  # one real update, then the skipped steps (the last one not yet counted)
+
+
+def test_named_validation_sets_are_reported_separately(data, tmp_path_factory):
+    other = tmp_path_factory.mktemp("books")
+    make_dataset(other / "data", seed=3)
+    run(data, "--max_tokens=1280", f"--out_dir={data / 'm'}", "--eval_every_steps=10", "--eval_tokens=512",
+        f"--eval_sets={{'books': '{other / 'data'}'}}")
+    with open(data / "m" / "log.jsonl") as f:
+        r = [r for r in map(json.loads, f) if "val/loss" in r][-1]
+    assert {"val/loss", "val/bpb", "val/acc", "books/loss", "books/bpb", "books/acc"} <= set(r)
+    assert r["val/loss"] != r["books/loss"] and r["books/tokens"] == 512
+
+
+def test_ddp_two_processes_on_cpu(data):
+    """torchrun with 2 CPU processes (gloo): same tokens per step, one all-reduce per step, rank 0 logs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), f"--data_dir={data / 'data'}", "--block_size=32", "--micro_batch=4",
+           "--grad_accum=2", "--max_tokens=10240", "--lr=3e-3", "--eval_every_steps=10", "--eval_tokens=1024",
+           "--log_every_steps=5", f"--out_dir={data / 'ddp'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "world=2" in p.stdout and "512 tokens/step" in p.stdout
+    log = losses(data / "ddp")
+    assert sorted(log) == list(range(1, 21))
+    assert np.mean([log[s] for s in (18, 19, 20)]) < np.mean([log[s] for s in (1, 2, 3)]) - 0.3
