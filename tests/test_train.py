@@ -190,7 +190,7 @@ def test_ddp_two_processes_on_cpu(data):
     """torchrun with 2 CPU processes (gloo): same tokens per step, one all-reduce per step, rank 0 logs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), f"--data_dir={data / 'data'}", "--block_size=32", "--micro_batch=4",
-           "--grad_accum=2", "--max_tokens=10240", "--lr=3e-3", "--eval_every_steps=10", "--eval_tokens=1024",
+           "--grad_accum=2", "--max_tokens=10240", "--lr=3e-3", "--warmup_tokens=256", "--eval_every_steps=10", "--eval_tokens=1024",
            "--log_every_steps=5", f"--out_dir={data / 'ddp'}"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
