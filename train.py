@@ -21,6 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
 import model as M
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
@@ -67,6 +70,7 @@ max_bad_steps = 5  # non-finite loss/grad steps in a row before stopping with a 
 device = "auto"  # "auto" | "cpu" | "cuda"
 dtype = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
 compile = False
+parallel = "ddp"  # several GPUs: "ddp" (a full replica per GPU) | "fsdp" (FSDP2 fully_shard: parameters, grads, optimizer sharded)
 seed = 1337
 # ------------------------------------------------------------------------------------------------
 PEAK_FLOPS = 989e12  # dense bf16 datasheet peak of H100 and H200 (../shared/README.md's MFU convention)
@@ -175,7 +179,12 @@ def evaluate(model, sets):
 
 
 def checkpoint_dict(step, tokens_seen, best_val_loss):
-    return {"model_config": asdict(raw_model.cfg), "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+    """Full (unsharded) state on every rank's call, keyed by parameter name: a checkpoint of N GPUs, DDP or FSDP,
+    resumes on any other number. Under FSDP gathering is collective, so every rank calls this."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=FSDP)  # offloading gathers to rank 0: FSDP only
+    model_state = raw_model.state_dict() if not FSDP else get_model_state_dict(raw_model, options=full)
+    return {"model_config": asdict(raw_model.cfg), "model": model_state,
+            "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=full),
             "step": step, "tokens_seen": tokens_seen, "data_state": pending_state,  # resume redraws the prefetched batch
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None},
             "config": config, "tokenizer": tokenizer_meta, "best_val_loss": best_val_loss, "kind": "pretrain"}
@@ -183,11 +192,12 @@ def checkpoint_dict(step, tokens_seen, best_val_loss):
 
 def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
     """ckpt.pt (atomic) plus hard links ckpt_<step>.pt (the last K) and best.pt: no extra disk, no half files."""
+    ckpt = checkpoint_dict(step, tokens_seen, best_val_loss) if RANK == 0 or FSDP else None
     if RANK != 0:
         return
     path = os.path.join(out_dir, "ckpt.pt")
     try:
-        save_checkpoint(path, checkpoint_dict(step, tokens_seen, best_val_loss))
+        save_checkpoint(path, ckpt)
         for name in [f"ckpt_{step:07d}.pt"] + (["best.pt"] if is_best else []):
             link = os.path.join(out_dir, name)
             if os.path.exists(link):
@@ -266,9 +276,18 @@ if __name__ == "__main__":
         if not any(p.requires_grad for p in raw_model.parameters()):
             raise SystemExit(f"trainable={trainable!r} matches no parameter name")
     raw_model.to(dev)
+    FSDP = WORLD > 1 and parallel == "fsdp"
+    if parallel not in ("ddp", "fsdp"):
+        raise SystemExit(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
+    if FSDP:  # shard each block, then the rest (embeddings, head); the optimizer then holds only this rank's shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        for block in raw_model.blocks:
+            fully_shard(block)
+        fully_shard(raw_model)
+        register_fsdp_forward_method(raw_model, "token_stats")  # eval calls it instead of forward
     optimizer = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type)
     if init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         start_step, tokens_seen, best_val_loss = ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"]
         train_batches.set_state(ckpt["data_state"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -276,7 +295,7 @@ if __name__ == "__main__":
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     del ckpt
     model = torch.compile(raw_model) if compile else raw_model
-    if WORLD > 1:
+    if WORLD > 1 and not FSDP:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[LOCAL_RANK] if dev.type == "cuda" else None)
 
@@ -333,7 +352,9 @@ if __name__ == "__main__":
         loss_sum = torch.zeros((), device=dev)
         for micro in range(cur_accum):
             sync = micro == cur_accum - 1
-            ctx = model.no_sync() if WORLD > 1 and not sync else nullcontext()  # all-reduce once per step
+            ctx = model.no_sync() if WORLD > 1 and not FSDP and not sync else nullcontext()  # all-reduce once per step
+            if FSDP:
+                raw_model.set_requires_gradient_sync(sync)  # reduce-scatter once per step
             with ctx:
                 with autocast:
                     loss = model(x, y)
