@@ -43,7 +43,7 @@ def configure(defaults, argv=None):
                 source = open(arg).read()
             except OSError as e:
                 raise SystemExit(f"config error: cannot read config file {arg}: {e.strerror}")
-            namespace = {}
+            namespace = {"__file__": arg}  # a config may build on another: exec(open(os.path.join(os.path.dirname(__file__), "a.py")).read())
             exec(compile(source, arg, "exec"), namespace)
             updates = {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not hasattr(v, "__file__")}
         for key, value in updates.items():

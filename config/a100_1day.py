@@ -1,20 +1,6 @@
-# The seed's 1-day recipe (half the tokens of a100_2day.py): medium-large (401,277,888 parameters), 1B tokens of 85% FineWeb-Edu + 15% MedQA-style
-# text, 524,288 tokens per step = 16 x 2048 x 16 accumulation, lr 3e-4 -> 3e-5 cosine, 50M warmup tokens.
-# data: python prepare_data.py --hf HuggingFaceFW/fineweb-edu:0.85 --hf-config sample-10BT \
-#         --source medmcqa.jsonl:0.15 --max-tokens 2100000000 --out data/fineweb_medqa   (see README)
+# The seed's 1-day recipe: a100_2day.py with half the tokens (1B) and half the warmup.
+import os
+exec(open(os.path.join(os.path.dirname(__file__), "a100_2day.py")).read())
 out_dir = "out/a100_1day"
-data_dir = "data/fineweb_medqa"
-preset = "medium-large"
-block_size = 2048
-micro_batch = 16
-grad_accum = 16
-lr = 3e-4
-min_lr = 3e-5
-schedule = "cosine"
 warmup_tokens = 50_000_000
 max_tokens = 1_000_000_000
-eval_every_steps = 250
-eval_tokens = 4_000_000
-checkpoint_every_steps = 500
-keep_checkpoints = 3
-compile = True
