@@ -5,8 +5,8 @@ set -euo pipefail
 OUT=${OUT:-out/evidence}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python scripts/gpu_checks.py || { echo "GPU checks failed: stopping"; exit 1; }
+[ -n "${SKIP_CHECKS:-}" ] || python scripts/gpu_checks.py || { echo "GPU checks failed: stopping"; exit 1; }
 python fp8.py --preset medium-large 2>&1 | grep -v Warning | tee "$OUT/fp8_gemm.txt"
-python bench.py --preset medium-large --micro_batch 16 --block_size 2048 --steps 8 --warmup 4 \
-    --variant "" --variant precision=fp8 --variant checkpoint_activations=1 \
+python bench.py --preset medium-large --micro_batch 16 --block_size 2048 --steps 6 --warmup 3 \
+    --variant "" --variant precision=fp8 ${EXTRA_VARIANTS:-} \
     --baseline --decode --json "$OUT/bench.json" 2>&1 | grep -vE "Warning|warn\(" | tee "$OUT/bench.log"
