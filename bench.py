@@ -151,6 +151,7 @@ def main(args):
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         r.update(name=name, batch=batch, block=block, flops_per_token=meta_model.flops_per_token(block))
         rows.append(r)
+        print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
     M.ATTENTION, M.PRECISION = "sdpa", "bf16"
     if args.baseline:
@@ -163,6 +164,7 @@ def main(args):
         r.update(name="transformers Qwen3 compiled", batch=args.micro_batch, block=args.block_size,
                  flops_per_token=meta_model.flops_per_token(args.block_size))
         rows.append(r)
+        print(f"    {json.dumps(r)}", flush=True)
         release()
     attn = attention_table(meta_model.cfg, args.micro_batch, args.block_size, device) if args.attention_table else None
     decode = None
@@ -178,6 +180,7 @@ def main(args):
             elapsed = time.perf_counter() - t0
         decode = {"new_tokens_per_s": int(lengths.sum()) / elapsed, "seconds": elapsed, "batch": args.decode_batch,
                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+        print(f"    {json.dumps(decode)}", flush=True)
         del model
         release()
 
