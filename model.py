@@ -666,8 +666,7 @@ class GPT(nn.Module):
         out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        dtype = self.rope_cos.dtype if not torch.is_autocast_enabled(device.type) else torch.get_autocast_dtype(device.type)
-        cache = KVCache(self.cfg, B, longest + max_new_tokens, pad, dtype, device) if use_cache else None
+        cache = KVCache(self.cfg, B, longest + max_new_tokens, pad, self._compute_dtype(), device) if use_cache else None
         seq = idx
         if cache is not None:
             logits = self.logits(self.hidden(idx, cache)[:, -1])  # prefill: the whole prompt block at once
@@ -717,8 +716,13 @@ class GPT(nn.Module):
             return static_logits
         return replay
 
+    def _compute_dtype(self):
+        """The dtype K and V come out in: autocast's, else the weights' (the RoPE tables stay float32 either way)."""
+        device = self.wte.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.wte.weight.dtype
+
     def _hidden_padded(self, seq, pad):
-        cache = KVCache(self.cfg, seq.shape[0], seq.shape[1], pad, self.rope_cos.dtype, seq.device)
+        cache = KVCache(self.cfg, seq.shape[0], seq.shape[1], pad, self._compute_dtype(), seq.device)
         return self.hidden(seq, cache)
 
     # ---- optimizer ----

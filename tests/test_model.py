@@ -176,3 +176,12 @@ def test_unknown_preset_or_field():
         make_config("huge")
     with pytest.raises(ValueError, match="unknown model field"):
         make_config("tiny", n_layers=3)
+
+
+def test_generation_with_bf16_weights():
+    m = tiny().to(torch.bfloat16)
+    assert m.rope_cos.dtype == torch.float32  # RoPE tables stay float32 under a cast
+    out, lengths = m.generate([[1, 2, 3], [4]], 5, temperature=0)
+    assert out.shape == (2, 5) and lengths.tolist() == [5, 5]
+    again, _ = m.generate([[1, 2, 3], [4]], 5, temperature=0, use_cache=False)
+    assert torch.equal(out, again)
