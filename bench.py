@@ -31,6 +31,7 @@ parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (
 parser.add_argument("--variant", action="append", default=[], help="key=value,...; repeatable; default: one bf16 compiled run")
 parser.add_argument("--baseline", action="store_true", help="also time transformers' Qwen3ForCausalLM (compiled)")
 parser.add_argument("--decode", action="store_true", help="also time generate(): batch x prompt_len prompt, new_tokens sampled")
+parser.add_argument("--skip_train", action="store_true", help="no training variants (decode and baselines only)")
 parser.add_argument("--decode_batch", type=int, default=256)
 parser.add_argument("--prompt_len", type=int, default=128)
 parser.add_argument("--new_tokens", type=int, default=256)
@@ -136,7 +137,7 @@ def main(args):
     with torch.device("meta"):
         meta_model = GPT(make_config(args.preset, block_size=args.block_size))
     n_params = meta_model.num_params()
-    for text in args.variant or [""]:
+    for text in [] if args.skip_train else args.variant or [""]:
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
         M.ATTENTION, M.PRECISION = v["attention"], v["precision"]
