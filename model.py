@@ -147,7 +147,7 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
         Hkv, S = k.shape[1], k.shape[2]
         rep = H // Hkv
         mask = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
-        y = _masked_sdpa(q.reshape(B, Hkv, rep * T, D), k, v, mask, dropout_p).view(B, H, T, D)
+        y = _masked_sdpa(q.reshape(B, Hkv, rep * T, D), k, v, mask, dropout_p).reshape(B, H, T, D)
     elif mask is not None:
         y = _masked_sdpa(q, k, v, mask, dropout_p)
     else:
