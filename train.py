@@ -395,9 +395,12 @@ if __name__ == "__main__":
             data_share = data_s / (now - t_last)
             log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
                  f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
+            parts = {f"loss_{k}": v.item() for k, v in getattr(raw_model, "last_losses", {}).items()}  # DSA: lm, indexer
+            if parts:
+                log0("    " + " | ".join(f"{k} {v:.4f}" for k, v in parts.items()))
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start,
-                        "data_share": data_share})
+                        "data_share": data_share, **parts})
             t_last, tokens_last, data_s = now, tokens_seen, 0.0
         else:
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item()})

@@ -217,3 +217,12 @@ def test_fsdp_on_two_processes_resumes_on_one(data):
     resumed = losses(data / "fsdp")
     assert sorted(s for s in resumed if s > 20) == list(range(21, 31))
     assert resumed[21] < np.mean([log[s] for s in (1, 2, 3)]) - 0.3  # it went on from the trained weights
+
+
+def test_dsa_run_logs_lm_and_indexer_losses(data):
+    overrides = "{'dsa_top_k': 8, 'dsa_heads': 2, 'dsa_head_dim': 16, 'dsa_rope_dim': 8}"
+    p = run(data, "--max_tokens=1280", f"--out_dir={data / 'dsa'}", f"--model_overrides={overrides}")
+    with open(data / "dsa" / "log.jsonl") as f:
+        r = [r for r in map(json.loads, f) if "loss_indexer" in r][-1]
+    assert r["loss_indexer"] > 0 and abs(r["loss"] - (r["loss_lm"] + r["loss_indexer"])) < 0.05  # last micro-batch vs mean
+    assert "loss_indexer" in p.stdout
