@@ -226,3 +226,13 @@ def test_dsa_run_logs_lm_and_indexer_losses(data):
         r = [r for r in map(json.loads, f) if "loss_indexer" in r][-1]
     assert r["loss_indexer"] > 0 and abs(r["loss"] - (r["loss_lm"] + r["loss_indexer"])) < 0.05  # last micro-batch vs mean
     assert "loss_indexer" in p.stdout
+
+
+def test_dataset_whose_dtype_does_not_match_its_files(data):
+    meta_path = data / "data" / "meta.json"
+    meta = json.load(open(meta_path))
+    meta["dtype"] = "uint32"
+    json.dump(meta, open(meta_path, "w"))
+    (data / "data" / "train.bin").write_bytes((data / "data" / "train.bin").read_bytes()[:-2])  # an odd count of 2-byte ids
+    p = run(data, f"--out_dir={data / 'x'}", check=False)
+    assert p.returncode != 0 and "is not a whole number of uint32 tokens" in p.stderr.strip().splitlines()[-1]
