@@ -21,7 +21,6 @@ On a CPU (tests) the same quantization is emulated with float matmuls: slow, but
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 skip_fp8_shapes = set()  # (in_features, out_features) measured slower in FP8; filled from `python fp8.py` results

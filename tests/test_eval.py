@@ -101,8 +101,8 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
                                 "tokens_seen": 0, "data_state": None, "rng": None, "config": {}, "tokenizer": meta,
                                 "best_val_loss": 1.0, "kind": "pretrain"})
     out = tmp_path / "res.json"
-    res = eval_cli.main(["--ckpt", str(ckpt), "--task", "medqa", "--data", str(data), "--mode", "both", "--device", "cpu",
-                         "--json", str(out), "--max_new_tokens", "4", "--show", "1"])
+    eval_cli.main(["--ckpt", str(ckpt), "--task", "medqa", "--data", str(data), "--mode", "both", "--device", "cpu",
+                    "--json", str(out), "--max_new_tokens", "4", "--show", "1"])
     printed = capsys.readouterr().out
     assert "loglik: acc" in printed and "generate: acc" in printed and "unparsable" in printed
     saved = json.load(open(out))

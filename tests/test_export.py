@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import load_checkpoint, load_hf_folder, model_from_checkpoint, save_checkpoint
+from checkpoint import load_hf_folder, model_from_checkpoint, save_checkpoint
 from conftest import SHARED
 from export_hf import export
 from model import GPT, make_config

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import grpo
-import model as M
 import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import GPT, make_config

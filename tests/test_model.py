@@ -132,7 +132,7 @@ def test_prompt_longer_than_context_is_one_clear_error():
 
 def test_factorized_tied_embeddings_and_checkpointing():
     m = tiny(embed_rank=16, tie_embeddings=True)
-    V, d, r = 320, 64, 16
+    V, r = 320, 16
     assert m.wte.weight.shape == (V, r) and m.lm_head is None
     idx, tgt = torch.randint(0, V, (2, 32)), torch.randint(0, V, (2, 32))
     m.train()

@@ -162,7 +162,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(data):
     ckpt = checkpoint.load_checkpoint(str(data / "s" / "ckpt.pt"))
     stopped_at = ckpt["step"]
     assert stopped_at >= 3
-    p = run(data, f"--out_dir={data / 's'}", "--init_from=resume", f"--max_tokens={(stopped_at + 2) * 128}")
+    run(data, f"--out_dir={data / 's'}", "--init_from=resume", f"--max_tokens={(stopped_at + 2) * 128}")
     assert min(s for s in losses(data / "s") if s > stopped_at) == stopped_at + 1
 
 
