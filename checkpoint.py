@@ -4,6 +4,7 @@ Python values (model config, weights, optimizer, step, data position, RNG states
 config, the tokenizer), written atomically and read with torch.load(weights_only=True), so loading
 never runs pickled code from a file someone handed you.
 """
+import json
 import os
 
 import torch
@@ -70,6 +71,23 @@ def _hf_tokenizer_entry(folder):
         return {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}
     tok = hf_tokenizer(path)  # the vocab size and EOS that tokenizer.load_tokenizer will check against
     return {"tokenizer": path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+
+def run_logger(out_dir, mode="a"):
+    """log(record): one JSON line in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed."""
+    log_file = open(os.path.join(out_dir, "log.jsonl"), mode)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(out_dir, "tb"))
+    except ImportError:
+        tb = None
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        for k, v in record.items() if tb else ():
+            if isinstance(v, (int, float)) and k != "step":
+                tb.add_scalar(k, v, record["step"])
+    return log
 
 
 def load_hf_folder(folder):

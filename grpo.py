@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 import model as M
 import tasks
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, run_logger, save_checkpoint
 from configurator import configure
 from model import GPT, GPTConfig, filter_logits, make_config
 
@@ -648,22 +648,11 @@ if __name__ == "__main__":
             json.dump({"init_from": init_from, "eval_task": eval_task, "eval_data": eval_data, **ev}, f, indent=1)
         sys.exit(0)
 
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "w" if not resume else "a")
-    tb = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(out_dir, "tb"))
-    except ImportError:
-        print("tensorboard is not installed: logging to log.jsonl and stdout only")
+    write_log = run_logger(out_dir, "w" if not resume else "a")
 
     def log_record(rec):
-        records.append(rec)
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-        if tb:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    tb.add_scalar(k, v, rec["step"])
+        records.append(rec)  # kept for the reward curve PNG
+        write_log(rec)
 
     def save(at_step):
         ck = {"model_config": asdict(policy.cfg), "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
@@ -716,4 +705,3 @@ if __name__ == "__main__":
             save(step)
     if stop_signal:
         print(f"stopped by signal after step {step}; resume with --init_from=resume")
-    log_file.close()

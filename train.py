@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 import model as M
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, run_logger, save_checkpoint
 from configurator import configure
 from model import GPT, GPTConfig, make_config
 
@@ -322,23 +322,7 @@ if __name__ == "__main__":
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
         signal.signal(sig, lambda s, f: stop_signal.append(s))
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if RANK == 0 else None
-    tb = None
-    if RANK == 0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(out_dir, "tb"))
-        except ImportError:
-            pass
-
-    def log_record(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-        if tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    tb.add_scalar(k, v, record["step"])
+    log_record = run_logger(out_dir) if RANK == 0 else (lambda record: None)
 
     step, bad_steps, t_start, data_s = start_step, 0, time.time(), 0.0
     t_last, tokens_last = time.time(), tokens_seen
