@@ -6,6 +6,7 @@ attention, SwiGLU, no biases), weight-for-weight convertible to transformers' Qw
 Read it top to bottom: switches, config + presets, layers, GPT (loss, generation with a KV cache),
 conversion to and from the transformers layout.
 """
+import functools
 import math
 from dataclasses import dataclass, asdict
 
@@ -96,6 +97,7 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+@functools.cache  # the device does not change in a process; attend() asks on every call
 def _sdpa_backends():
     # On Hopper, cuDNN attention measured 1.6x faster than SDPA's flash backend at head_dim 72 (../shared/README.md)
     from torch.nn.attention import SDPBackend
@@ -622,10 +624,8 @@ class GPT(nn.Module):
             indexer = sum(b.attn.indexer_loss for b in self.blocks) / len(self.blocks)
             for b in self.blocks:
                 b.attn.indexer_loss = None
-        w = self.head_weight()
-        if torch.is_autocast_enabled(h.device.type):  # run the head in the autocast dtype, as a Linear would
-            dt = torch.get_autocast_dtype(h.device.type)
-            h, w = h.to(dt), w.to(dt)
+        dt = self._compute_dtype()  # run the head in the autocast dtype, as a Linear would
+        h, w = h.to(dt), self.head_weight().to(dt)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         with torch.autocast(h.device.type, enabled=False):
             loss_sum = LinearCrossEntropy.apply(h, w, targets)
@@ -634,7 +634,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def token_stats(self, idx, targets):
         """Per-token loss (nats) and whether argmax hit the target, chunked: for eval of loss/bpb/accuracy."""
-        h = self.hidden(idx).reshape(-1, self.cfg.n_embd if self.head_proj is None else self.cfg.embed_rank)
+        h = self.hidden(idx)
+        h = h.reshape(-1, h.shape[-1])
         targets = targets.reshape(-1)
         losses, correct = [], []
         for i in range(0, h.shape[0], LOSS_CHUNK_ROWS):
@@ -717,7 +718,7 @@ class GPT(nn.Module):
         return replay
 
     def _compute_dtype(self):
-        """The dtype K and V come out in: autocast's, else the weights' (the RoPE tables stay float32 either way)."""
+        """The dtype activations come out in: autocast's, else the weights' (the RoPE tables stay float32 either way)."""
         device = self.wte.weight.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.wte.weight.dtype
 
@@ -751,8 +752,8 @@ def filter_logits(logits, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

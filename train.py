@@ -178,6 +178,12 @@ def evaluate(model, sets):
     return results
 
 
+def print_eval(results, step=None):
+    for name, r in results.items():
+        log0(f"eval{'' if step is None else f' step {step}'} {name}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} "
+             f"bits/token {r['bits_per_token']:.4f} bpb {r['bpb']:.4f} acc {r['acc']:.4f} ({r['tokens']:,} tokens)")
+
+
 def checkpoint_dict(step, tokens_seen, best_val_loss):
     """Full (unsharded) state on every rank's call, keyed by parameter name: a checkpoint of N GPUs, DDP or FSDP,
     resumes on any other number. Under FSDP gathering is collective, so every rank calls this."""
@@ -314,8 +320,7 @@ if __name__ == "__main__":
         log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, {max_steps:,} steps")
 
     if eval_only:
-        for name, r in evaluate(model, val_sets).items():
-            log0(f"eval {name}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        print_eval(evaluate(model, val_sets))
         sys.exit(0)
 
     # ---- training loop ----
@@ -353,11 +358,11 @@ if __name__ == "__main__":
             x, y = train_batches.next(nxt_batch, nxt_block, dev)  # fetched while the GPU runs this micro-step
             data_s += time.perf_counter() - t_data
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        loss_val = (loss_sum / cur_accum).item()
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # skip the update, keep the weights
+        loss_val, grad_norm = (loss_sum / cur_accum).item(), grad_norm.item()  # synced once per step
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):  # skip the update, keep the weights
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
-            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm.item()}: update skipped ({bad_steps} in a row)")
+            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm}: update skipped ({bad_steps} in a row)")
             log_record({"step": step, "skipped": 1, "loss": loss_val})
             if bad_steps >= max_bad_steps:
                 write_checkpoint(step, tokens_seen, best_val_loss)
@@ -377,17 +382,17 @@ if __name__ == "__main__":
             eta = (max_steps - step) * (now - t_start) / (step - start_step)
             # host time in the loader over wall time: an upper bound on how long the GPU could have waited for data
             data_share = data_s / (now - t_last)
-            log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm.item():.3f} | "
+            log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm:.3f} | "
                  f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
             parts = {f"loss_{k}": v.item() for k, v in getattr(raw_model, "last_losses", {}).items()}  # DSA: lm, indexer
             if parts:
                 log0("    " + " | ".join(f"{k} {v:.4f}" for k, v in parts.items()))
-            log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item(),
+            log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm,
                         "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start,
                         "data_share": data_share, **parts})
             t_last, tokens_last, data_s = now, tokens_seen, 0.0
         else:
-            log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm.item()})
+            log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm})
         stopping = bool(stop_signal)
         if WORLD > 1:  # every rank stops at the same step
             flag = torch.tensor([float(stopping)], device=dev)
@@ -397,8 +402,7 @@ if __name__ == "__main__":
         if eval_every_steps and (step % eval_every_steps == 0 or step == max_steps):
             t_eval = time.time()
             results = evaluate(model, val_sets)
-            for name, r in results.items():
-                log0(f"eval step {step} {name}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} bpb {r['bpb']:.4f} acc {r['acc']:.4f}")
+            print_eval(results, step)
             log_record({"step": step, "tokens": tokens_seen, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}})
             is_best = results["val"]["loss"] < best_val_loss
             best_val_loss = min(best_val_loss, results["val"]["loss"])
