@@ -293,7 +293,11 @@ if __name__ == "__main__":
         register_fsdp_forward_method(raw_model, "token_stats")  # eval calls it instead of forward
     optimizer = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type)
     if init_from == "resume":
-        set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        try:
+            set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        except (KeyError, ValueError, TypeError):  # e.g. an optimizer state keyed by index (older or grpo.py checkpoints)
+            raise SystemExit(f"{out_dir}/ckpt.pt has no optimizer state keyed by parameter name, as train.py writes it; "
+                             f"--init_from={out_dir}/ckpt.pt keeps its weights and starts a fresh optimizer")
         start_step, tokens_seen, best_val_loss = ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"]
         train_batches.set_state(ckpt["data_state"])
         torch.set_rng_state(ckpt["rng"]["torch"])

@@ -236,3 +236,13 @@ def test_dataset_whose_dtype_does_not_match_its_files(data):
     (data / "data" / "train.bin").write_bytes((data / "data" / "train.bin").read_bytes()[:-2])  # an odd count of 2-byte ids
     p = run(data, f"--out_dir={data / 'x'}", check=False)
     assert p.returncode != 0 and "is not a whole number of uint32 tokens" in p.stderr.strip().splitlines()[-1]
+
+
+def test_resume_refuses_an_optimizer_state_keyed_by_index(data):
+    run(data, "--max_tokens=640", f"--out_dir={data / 'o'}")
+    path = data / "o" / "ckpt.pt"
+    ckpt = checkpoint.load_checkpoint(str(path))
+    ckpt["optimizer"] = {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"params": [0]}]}
+    checkpoint.save_checkpoint(str(path), ckpt)
+    p = run(data, f"--out_dir={data / 'o'}", "--init_from=resume", "--max_tokens=1280", check=False)
+    assert p.returncode != 0 and "no optimizer state keyed by parameter name" in p.stderr.strip().splitlines()[-1]
