@@ -14,7 +14,8 @@
 #   CKPT_ADDITION  a checkpoint pretrained with the addition text in the mix  [$OUT/pretrain_addition/ckpt.pt]
 #   CKPT_MED       a checkpoint pretrained with MedMCQA text in the mix       [$OUT/pretrain_med/ckpt.pt]
 #   ADD_STEPS, MED_STEPS   GRPO steps                                         [200, 100]
-#   PRETRAIN_TOKENS        tokens of the *_pretrain stages                    [30000000]
+#   PRETRAIN_TOKENS        training tokens of the *_pretrain stages (their data: 20M tokens, Gutenberg ~1 pass) [30000000]
+#   TRAIN_ARGS, GRPO_ARGS  extra --key=value overrides for train.py / grpo.py (e.g. a CPU smoke run)
 # Results: $OUT/*.json (eval.py), $OUT/grpo_*/log.jsonl and reward_curve.png, $OUT/bench_rollout.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,32 +33,32 @@ addition_pretrain)  # ~1 min data + ~4 min training (small preset, 12 layers, 30
     need "$DATA/gutenberg/train.parquet" "set DATA to a folder holding gutenberg/{train,val}.parquet"
     python tasks.py synth --task addition --n 400000 --seed 0 --out "$OUT/addition_text.jsonl"
     python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.9" --source "$OUT/addition_text.jsonl:0.1" \
-        --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_gutenberg_addition" --overwrite
+        --val-source "$DATA/gutenberg/val.parquet" --max-tokens 20000000 --out "$OUT/data_gutenberg_addition" --overwrite
     python train.py config/gutenberg.py --data_dir="$OUT/data_gutenberg_addition" --out_dir="$OUT/pretrain_addition" \
-        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
+        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
 mix_pretrain)  # one checkpoint for both experiments: Gutenberg 80% + addition text 10% + MedMCQA text 10%
     need "$DATA/medmcqa/questions.jsonl" "set DATA to a folder holding medmcqa/questions.jsonl and gutenberg/"
     python tasks.py synth --task addition --n 400000 --seed 0 --out "$OUT/addition_text.jsonl"
     python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.8" --source "$OUT/addition_text.jsonl:0.1" \
-        --source "$DATA/medmcqa/questions.jsonl:0.1" --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_mix" --overwrite
+        --source "$DATA/medmcqa/questions.jsonl:0.1" --val-source "$DATA/gutenberg/val.parquet" --max-tokens 20000000 --out "$OUT/data_mix" --overwrite
     python train.py config/gutenberg.py --data_dir="$OUT/data_mix" --out_dir="$OUT/pretrain_mix" \
-        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
+        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
 addition)  # ~1 min of evaluations + ~3 min of GRPO
     need "$CKPT_ADDITION" "set CKPT_ADDITION, or run the addition_pretrain stage first"
     python eval.py --ckpt "$CKPT_ADDITION" --task addition --n 1000 --max_new_tokens 8 --batch 500 --json "$OUT/addition_before.json"
     python grpo.py config/grpo_addition.py --init_from="$CKPT_ADDITION" --out_dir="$OUT/grpo_addition" \
-        --max_steps="${ADD_STEPS:-200}"
+        --max_steps="${ADD_STEPS:-200}" ${GRPO_ARGS:-}
     python eval.py --ckpt "$OUT/grpo_addition/ckpt.pt" --task addition --n 1000 --max_new_tokens 8 --batch 500 \
         --json "$OUT/addition_after.json"
     ;;
 med_pretrain)  # ~4 min: Gutenberg + MedMCQA questions written as "Question ... Answer: X" documents
     need "$DATA/medmcqa/questions.jsonl" "set DATA to a folder holding medmcqa/questions.jsonl"
     python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.8" --source "$DATA/medmcqa/questions.jsonl:0.2" \
-        --val-source "$DATA/gutenberg/val.parquet" --out "$OUT/data_gutenberg_med" --overwrite
+        --val-source "$DATA/gutenberg/val.parquet" --max-tokens 20000000 --out "$OUT/data_gutenberg_med" --overwrite
     python train.py config/gutenberg.py --data_dir="$OUT/data_gutenberg_med" --out_dir="$OUT/pretrain_med" \
-        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0
+        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
 med)  # ~1 min of evaluations + ~5 min of GRPO (config/usmle.py, shortened)
     need "$CKPT_MED" "set CKPT_MED, or run the med_pretrain stage first"
@@ -66,7 +67,7 @@ med)  # ~1 min of evaluations + ~5 min of GRPO (config/usmle.py, shortened)
         --json "$OUT/medqa_before.json"
     python grpo.py config/usmle.py --init_from="$CKPT_MED" --out_dir="$OUT/grpo_med" \
         --train_data="$DATA/medmcqa/questions.jsonl" --eval_data="$DATA/medqa/dev.jsonl" \
-        --max_steps="${MED_STEPS:-100}" --eval_every=50 --save_every=1000
+        --max_steps="${MED_STEPS:-100}" --eval_every=50 --save_every=1000 ${GRPO_ARGS:-}
     python eval.py --ckpt "$OUT/grpo_med/ckpt.pt" --task medqa --data "$DATA/medqa/dev.jsonl" --mode both --show 2 \
         --json "$OUT/medqa_after.json"
     ;;
