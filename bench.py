@@ -38,13 +38,15 @@ parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--device", default="cuda")
 parser.add_argument("--attention_table", action="store_true", help="also time causal attention fwd+bwd per SDPA backend")
 parser.add_argument("--json", default=None, help="write all results here")
+parser.add_argument("--profile", action="store_true", help="print the GPU kernels' time of two more steps of each variant")
+SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden")  # model shape overrides
 
 
 def parse_variant(text):
     v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size"):
+        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size") + SHAPE_KEYS:
             raise SystemExit(f"unknown variant key {key!r}")
         v[key] = int(value) if value.isdigit() else value
     return v
@@ -55,7 +57,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(build, batch, block, steps, warmup, device, compile_model, loss_fn):
+def time_training(build, batch, block, steps, warmup, device, compile_model, loss_fn, profile=False):
     """Tokens/s and peak memory of full optimizer steps (forward, backward, clip, fused AdamW) on random tokens."""
     model = build().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
@@ -79,6 +81,18 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
         sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    if profile:  # where the step's GPU time goes: matmuls vs attention vs elementwise vs optimizer
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                with autocast:
+                    loss = loss_fn(step_model, x[:, :-1], x[:, 1:])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync(device)
+        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=90), flush=True)
     timed = sorted(times[warmup:])
     median = timed[len(timed) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -141,16 +155,18 @@ def main(args):
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
         M.ATTENTION, M.PRECISION = v["attention"], v["precision"]
-        cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]))
+        shape = {k: v[k] for k in SHAPE_KEYS if k in v}
+        cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
         name = "ours " + ",".join(f"{k}={v[k]}" for k in v)
         print(f"--- {name}: {batch} x {block}", flush=True)
         try:
             r = time_training(lambda: GPT(cfg), batch, block, args.steps, args.warmup, device, v["compile"],
-                              lambda m, x, y: m(x, y))
+                              lambda m, x, y: m(x, y), args.profile)
         except Exception as e:  # one failing variant (e.g. a missing package) must not hide the others
             print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        r.update(name=name, batch=batch, block=block, flops_per_token=meta_model.flops_per_token(block))
+        with torch.device("meta"):
+            r.update(name=name, batch=batch, block=block, flops_per_token=GPT(cfg).flops_per_token(block))
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()

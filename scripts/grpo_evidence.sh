@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU evidence for grpo.py (BENCHMARKS.md, "## GRPO"). Each stage is one command, each under ~8 minutes on an H100:
 #
-#   bash scripts/grpo_evidence.sh mix_pretrain        # one small model for both: Gutenberg + addition + MedMCQA text
-#   bash scripts/grpo_evidence.sh addition_pretrain   # only without CKPT_ADDITION: Gutenberg + 10% addition text, small
+#   bash scripts/grpo_evidence.sh mix_pretrain        # GPT-2 BPE: Gutenberg + addition + MedMCQA text (CKPT_MED)
+#   bash scripts/grpo_evidence.sh addition_pretrain   # Gutenberg + 25% addition text, character-level, small
 #   bash scripts/grpo_evidence.sh addition            # held-out addition accuracy before / GRPO / after, reward curve
 #   bash scripts/grpo_evidence.sh med_pretrain        # only without CKPT_MED: Gutenberg + MedMCQA text, small
 #   bash scripts/grpo_evidence.sh med                 # MedQA dev, loglik + generative, before / GRPO on MedMCQA / after
@@ -14,7 +14,7 @@
 #   CKPT_ADDITION  a checkpoint pretrained with the addition text in the mix  [$OUT/pretrain_addition/ckpt.pt]
 #   CKPT_MED       a checkpoint pretrained with MedMCQA text in the mix       [$OUT/pretrain_med/ckpt.pt]
 #   ADD_STEPS, MED_STEPS   GRPO steps                                         [200, 100]
-#   PRETRAIN_TOKENS        training tokens of the *_pretrain stages (their data: 20M tokens, Gutenberg ~1 pass) [30000000]
+#   PRETRAIN_TOKENS        training tokens of a *_pretrain stage [30M BPE tokens; addition_pretrain: 40M characters]
 #   TRAIN_ARGS, GRPO_ARGS  extra --key=value overrides for train.py / grpo.py (e.g. a CPU smoke run)
 # Results: $OUT/*.json (eval.py), $OUT/grpo_*/log.jsonl and reward_curve.png, $OUT/bench_rollout.json.
 set -euo pipefail
@@ -29,13 +29,13 @@ mkdir -p "$OUT"
 need() { [ -e "$1" ] || { echo "missing $1: $2" >&2; exit 2; }; }
 
 case "${1:-}" in
-addition_pretrain)  # ~1 min data + ~4 min training (small preset, 12 layers, 30M tokens)
+addition_pretrain)  # ~3 min: characters, so digits are tokens (GPT-2's BPE cuts numbers into irregular chunks)
     need "$DATA/gutenberg/train.parquet" "set DATA to a folder holding gutenberg/{train,val}.parquet"
-    python tasks.py synth --task addition --n 400000 --seed 0 --out "$OUT/addition_text.jsonl"
-    python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.9" --source "$OUT/addition_text.jsonl:0.1" \
-        --val-source "$DATA/gutenberg/val.parquet" --max-tokens 20000000 --out "$OUT/data_gutenberg_addition" --overwrite
+    python tasks.py synth --task addition --n 600000 --seed 0 --out "$OUT/addition_text.jsonl"
+    python prepare_data.py --tokenizer char --source "$DATA/gutenberg/train.parquet:0.75" --source "$OUT/addition_text.jsonl:0.25" \
+        --val-source "$DATA/gutenberg/val.parquet" --max-tokens 40000000 --out "$OUT/data_gutenberg_addition" --overwrite
     python train.py config/gutenberg.py --data_dir="$OUT/data_gutenberg_addition" --out_dir="$OUT/pretrain_addition" \
-        --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
+        --max_tokens="${PRETRAIN_TOKENS:-40000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
 mix_pretrain)  # one checkpoint for both experiments: Gutenberg 80% + addition text 10% + MedMCQA text 10%
     need "$DATA/medmcqa/questions.jsonl" "set DATA to a folder holding medmcqa/questions.jsonl and gutenberg/"
