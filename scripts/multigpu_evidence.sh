@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issues 4 and 6 on one machine with 4 GPUs: tokens/s per GPU of DDP and FSDP against one GPU (medium-large,
+# 16 x 2048 per GPU, compiled, Gutenberg tokens), then an FSDP run on 4 GPUs resumed on 2. Table last.
+#   SRC=../shared/data bash scripts/multigpu_evidence.sh
+# Environment: SRC (data folder), RUNS (output folder, out/multigpu), STEPS per run (25), ARGS (more --key=value,
+# e.g. a CPU smoke run: ARGS="--device=cpu --preset=debug --block_size=64 --micro_batch=2 --compile=False").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=${SRC:-../shared/data}
+RUNS=${RUNS:-out/multigpu}
+STEPS=${STEPS:-25}
+export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ -e data/gutenberg/meta.json ] || python prepare_data.py --source "$SRC/gutenberg/train.parquet" \
+    --val-source "$SRC/gutenberg/val.parquet" --out data/gutenberg
+MB=${MB:-16} BLOCK=${BLOCK:-2048}
+common=(config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=$BLOCK --micro_batch=$MB --grad_accum=1
+        --eval_every_steps=0 --log_every_steps=5 --checkpoint_every_steps=0
+        --lr=6e-4 --warmup_tokens=$((5 * MB * BLOCK)) --decay_fraction=0 ${ARGS:-})  # constant lr: the resume continues the same curve
+launch() {  # launch N-gpus out_dir max_tokens [more args]
+    local n=$1 dir=$2 tokens=$3; shift 3
+    local cmd=(python train.py)
+    [ "$n" -gt 1 ] && cmd=(torchrun --standalone --nproc_per_node="$n" train.py)
+    echo "=== $dir on $n GPU(s): ${cmd[*]} ... $*"
+    "${cmd[@]}" "${common[@]}" --out_dir="$dir" --max_tokens="$tokens" "$@" 2>&1 | grep -E "^step|saved|resum|switches|Error|error" || true
+}
+rm -rf "$RUNS"
+for spec in "1 single ddp" "2 ddp2 ddp" "4 ddp4 ddp" "4 fsdp4 fsdp"; do
+    read -r n name mode <<< "$spec"
+    launch "$n" "$RUNS/$name" $((STEPS * n * MB * BLOCK)) --parallel="$mode"
+done
+# resume the 4-GPU FSDP run on 2 GPUs for STEPS more steps (the schedule counts tokens, so it carries over)
+launch 2 "$RUNS/fsdp4" $((STEPS * 6 * MB * BLOCK)) --parallel=fsdp --init_from=resume
+python - "$RUNS" "$STEPS" <<'EOF'
+import json, statistics, sys
+runs, steps = sys.argv[1], int(sys.argv[2])
+def rows(name):
+    return [json.loads(line) for line in open(f"{runs}/{name}/log.jsonl")]
+def speed(recs):  # median tokens/s of the logged intervals after the first 10 steps (compilation)
+    return statistics.median([r["tokens_per_s"] for r in recs])
+table, base = [], None
+fsdp = rows("fsdp4")
+for name, n, recs in [("single", 1, rows("single")), ("ddp2", 2, rows("ddp2")), ("ddp4", 4, rows("ddp4")),
+                      ("fsdp4", 4, [r for r in fsdp if r["step"] <= steps]),
+                      ("fsdp4 resumed on 2 (fsdp2)", 2, [r for r in fsdp if r["step"] > steps])]:
+    start = min(r["step"] for r in recs)
+    timed = [r for r in recs if "tokens_per_s" in r and r["step"] >= start + 10]
+    tok_s = speed(timed) if timed else float("nan")
+    base = base or tok_s
+    table.append((name, n, tok_s, tok_s / n / base, max((r.get("mem_gib", 0) for r in timed), default=0)))
+print(f"\n{'run':<28} {'GPUs':>4} {'tokens/s':>10} {'per GPU vs 1':>13} {'peak GiB':>9}")
+for name, n, tok_s, eff, mem in table:
+    print(f"{name:<28} {n:>4} {tok_s:>10,.0f} {100 * eff:>12.1f}% {mem:>9.1f}")
+before = [r for r in fsdp if r["step"] <= steps][-3:]
+after = [r for r in fsdp if r["step"] > steps][:3]
+print("resume 4 -> 2 GPUs: loss of the last steps on 4:", [round(r["loss"], 4) for r in before],
+      "first steps on 2:", [round(r["loss"], 4) for r in after], "steps", after[0]["step"] if after else None)
+json.dump({"table": table, "before": before, "after": after}, open(f"{runs}/multigpu.json", "w"), indent=1)
+EOF
