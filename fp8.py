@@ -119,6 +119,7 @@ if __name__ == "__main__":  # per-GEMM timing: bf16 vs fp8, forward + backward, 
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     y = lin(x)
                 y.backward(torch.ones_like(y))
+            torch._dynamo.reset()  # a fresh compile per layer kind: one shared cache hits the recompile limit and runs eager
             try:
                 times.append(bench(torch.compile(step)))
             except Exception as e:  # e.g. a torchao built for another torch
