@@ -313,7 +313,8 @@ if __name__ == "__main__":
     for until, stage_block, stage_batch in curriculum:
         if tokens_per_step % (stage_block * stage_batch * WORLD):
             raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide {tokens_per_step} tokens per step")
-    max_steps = math.ceil(max_tokens / tokens_per_step)
+    # steps left from the tokens left: a run resumed with another batch or GPU count still stops at max_tokens
+    max_steps = start_step + max(0, math.ceil((max_tokens - tokens_seen) / tokens_per_step))
     if RANK == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Issues 4 and 6 on one machine with 4 GPUs: tokens/s per GPU of DDP and FSDP against one GPU (medium-large,
-# 16 x 2048 per GPU, compiled, Gutenberg tokens), then an FSDP run on 4 GPUs resumed on 2. Table last.
+# Issues 4 and 6 on one machine with 2 or 4 GPUs: tokens/s per GPU of DDP and FSDP against one GPU (medium-large,
+# 16 x 2048 per GPU, compiled, Gutenberg tokens), then the FSDP run on all GPUs resumed on half of them. Table last.
 #   SRC=../shared/data bash scripts/multigpu_evidence.sh
-# Environment: SRC (data folder), RUNS (output folder, out/multigpu), STEPS per run (25), ARGS (more --key=value,
+# Environment: NGPU (2 or 4; default: all visible), SRC (data folder), RUNS (output folder, out/multigpu), STEPS per run (25), ARGS (more --key=value,
 # e.g. a CPU smoke run: ARGS="--device=cpu --preset=debug --block_size=64 --micro_batch=2 --compile=False").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${SRC:-../shared/data}
 RUNS=${RUNS:-out/multigpu}
 STEPS=${STEPS:-25}
+NGPU=${NGPU:-$(python -c "import torch; print(min(4, torch.cuda.device_count()))")}
+[ "$NGPU" = 2 ] || [ "$NGPU" = 4 ] || { echo "needs 2 or 4 GPUs (NGPU=$NGPU)"; exit 2; }
+HALF=$((NGPU / 2))
 export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [ -e data/gutenberg/meta.json ] || python prepare_data.py --source "$SRC/gutenberg/train.parquet" \
     --val-source "$SRC/gutenberg/val.parquet" --out data/gutenberg
@@ -24,24 +27,29 @@ launch() {  # launch N-gpus out_dir max_tokens [more args]
     "${cmd[@]}" "${common[@]}" --out_dir="$dir" --max_tokens="$tokens" "$@" 2>&1 | grep -E "^step|saved|resum|switches|Error|error" || true
 }
 rm -rf "$RUNS"
-for spec in "1 single ddp" "2 ddp2 ddp" "4 ddp4 ddp" "4 fsdp4 fsdp"; do
+specs=("1 single ddp" "2 ddp2 ddp")
+[ "$NGPU" = 4 ] && specs+=("4 ddp4 ddp")
+specs+=("$NGPU fsdp$NGPU fsdp")
+for spec in "${specs[@]}"; do
     read -r n name mode <<< "$spec"
     launch "$n" "$RUNS/$name" $((STEPS * n * MB * BLOCK)) --parallel="$mode"
 done
-# resume the 4-GPU FSDP run on 2 GPUs for STEPS more steps (the schedule counts tokens, so it carries over)
-launch 2 "$RUNS/fsdp4" $((STEPS * 6 * MB * BLOCK)) --parallel=fsdp --init_from=resume
-python - "$RUNS" "$STEPS" <<'EOF'
-import json, statistics, sys
-runs, steps = sys.argv[1], int(sys.argv[2])
+# resume the FSDP run on half the GPUs for STEPS more steps (the schedule counts tokens, so it carries over)
+launch "$HALF" "$RUNS/fsdp$NGPU" $((STEPS * (NGPU + HALF) * MB * BLOCK)) --parallel=fsdp --init_from=resume
+python - "$RUNS" "$STEPS" "$NGPU" <<'EOF'
+import json, os, statistics, sys
+runs, steps, ngpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def rows(name):
     return [json.loads(line) for line in open(f"{runs}/{name}/log.jsonl")]
 def speed(recs):  # median tokens/s of the logged intervals after the first 10 steps (compilation)
     return statistics.median([r["tokens_per_s"] for r in recs])
 table, base = [], None
-fsdp = rows("fsdp4")
-for name, n, recs in [("single", 1, rows("single")), ("ddp2", 2, rows("ddp2")), ("ddp4", 4, rows("ddp4")),
-                      ("fsdp4", 4, [r for r in fsdp if r["step"] <= steps]),
-                      ("fsdp4 resumed on 2 (fsdp2)", 2, [r for r in fsdp if r["step"] > steps])]:
+fsdp = rows(f"fsdp{ngpu}")
+runs_list = [(f"ddp{n}" if n > 1 else "single", n, rows(f"ddp{n}" if n > 1 else "single")) for n in (1, 2, 4)
+             if os.path.exists(f"{runs}/{f'ddp{n}' if n > 1 else 'single'}/log.jsonl")]
+runs_list += [(f"fsdp{ngpu}", ngpu, [r for r in fsdp if r["step"] <= steps]),
+              (f"fsdp{ngpu} resumed on {ngpu // 2}", ngpu // 2, [r for r in fsdp if r["step"] > steps])]
+for name, n, recs in runs_list:
     start = min(r["step"] for r in recs)
     timed = [r for r in recs if "tokens_per_s" in r and r["step"] >= start + 10]
     tok_s = speed(timed) if timed else float("nan")
@@ -52,7 +60,7 @@ for name, n, tok_s, eff, mem in table:
     print(f"{name:<28} {n:>4} {tok_s:>10,.0f} {100 * eff:>12.1f}% {mem:>9.1f}")
 before = [r for r in fsdp if r["step"] <= steps][-3:]
 after = [r for r in fsdp if r["step"] > steps][:3]
-print("resume 4 -> 2 GPUs: loss of the last steps on 4:", [round(r["loss"], 4) for r in before],
-      "first steps on 2:", [round(r["loss"], 4) for r in after], "steps", after[0]["step"] if after else None)
+print(f"resume {ngpu} -> {ngpu // 2} GPUs: loss of the last steps before:", [round(r["loss"], 4) for r in before],
+      "first steps after:", [round(r["loss"], 4) for r in after], "steps", after[0]["step"] if after else None)
 json.dump({"table": table, "before": before, "after": after}, open(f"{runs}/multigpu.json", "w"), indent=1)
 EOF

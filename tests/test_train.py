@@ -67,6 +67,14 @@ def test_resume_is_exact(data):
     assert all(straight[s] == resumed[s] for s in resumed)
 
 
+def test_resume_with_another_batch_size_stops_at_max_tokens(data):
+    """10 steps of 4 x 32 tokens, then resumed at 8 x 32 (say, twice the GPUs): 5 more steps reach 2560 tokens."""
+    run(data, "--max_tokens=1280", f"--out_dir={data / 'a'}")
+    run(data, "--max_tokens=2560", "--micro_batch=8", f"--out_dir={data / 'a'}", "--init_from=resume")
+    assert sorted(s for s in losses(data / "a") if s > 10) == list(range(11, 16))
+    assert checkpoint.load_checkpoint(str(data / "a" / "ckpt.pt"))["tokens_seen"] == 2560
+
+
 def test_loss_decreases_and_eval_reports_bits_per_byte(data):
     p = run(data, "--max_tokens=40000", "--lr=3e-3", f"--out_dir={data / 'o'}", "--eval_every_steps=100", "--eval_tokens=2000")
     log = losses(data / "o")
