@@ -17,8 +17,11 @@ import time
 
 import torch
 
+import fp8
 import model as M
 from model import GPT, make_config
+
+FP8_SKIP = frozenset(fp8.skip_fp8_shapes)  # the measured default; variant fp8_skip=0 puts every block layer in FP8
 
 PEAK_FLOPS = 989e12
 
@@ -43,10 +46,10 @@ SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidde
 
 
 def parse_variant(text):
-    v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}
+    v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}  # fp8_skip=0: FP8 in every layer
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size") + SHAPE_KEYS:
+        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip") + SHAPE_KEYS:
             raise SystemExit(f"unknown variant key {key!r}")
         v[key] = int(value) if value.isdigit() else value
     return v
@@ -155,6 +158,7 @@ def main(args):
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
         M.ATTENTION, M.PRECISION = v["attention"], v["precision"]
+        fp8.skip_fp8_shapes = set(FP8_SKIP) if v.get("fp8_skip", 1) else set()
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
         cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
         name = "ours " + ",".join(f"{k}={v[k]}" for k in v)

@@ -53,3 +53,13 @@ def test_fp8_model_keeps_its_state_dict_and_learns(monkeypatch):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_shapes_measured_slower_stay_in_bf16(monkeypatch):
+    """convert_to_fp8 leaves (in, out) shapes listed in skip_fp8_shapes as nn.Linear: here the debug preset's qkv."""
+    monkeypatch.setattr(M, "PRECISION", "fp8")
+    monkeypatch.setattr(fp8, "skip_fp8_shapes", {(64, 128)})
+    model = M.GPT(M.make_config("debug"))
+    kinds = {name: type(m).__name__ for name, m in model.blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds["attn.qkv"] == "Linear" and kinds["attn.proj"] == "Float8Linear", kinds
+    assert kinds["mlp.down"] == "Float8Linear", kinds
