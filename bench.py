@@ -202,6 +202,14 @@ def main(args):
         decode = {"new_tokens_per_s": int(lengths.sum()) / elapsed, "seconds": elapsed, "batch": args.decode_batch,
                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
         print(f"    {json.dumps(decode)}", flush=True)
+        if args.profile:  # kernels of one generate() call, graphs off so each kernel is named (GPU time is the same)
+            from torch.profiler import ProfilerActivity
+            M.DECODE_CUDA_GRAPH, graphs = False, M.DECODE_CUDA_GRAPH
+            with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model.generate(prompts, args.new_tokens, temperature=1.0)
+                sync(device)
+            M.DECODE_CUDA_GRAPH = graphs
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
         del model
         release()
 
