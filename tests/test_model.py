@@ -85,6 +85,19 @@ def test_kv_cache_logits_equal_full_forward():
     assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-5
 
 
+def test_decode_attention_equals_masked_sdpa():
+    """decode_attend (decoding's two batched matmuls, used on CUDA) gives SDPA's output under a left-padding mask."""
+    torch.manual_seed(0)
+    B, H, R, S, D = 3, 2, 4, 10, 8
+    q, k, v = torch.randn(B, H, R, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    mask = torch.ones(B, 1, R, S, dtype=torch.bool)
+    mask[0, :, :, :3] = False  # row 0 is left-padded by 3 slots, row 2 sees only its last 4 slots
+    mask[2, :, :, :6] = False
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(M.decode_attend(q, k, v, mask), want, atol=1e-5)
+    assert not torch.allclose(M.decode_attend(q, k, v, torch.ones_like(mask)), want, atol=1e-3)  # the mask matters
+
+
 def test_batched_generation_of_different_lengths_matches_one_by_one():
     m = tiny()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
