@@ -71,16 +71,20 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
+    def one_step():
         with autocast:
             loss = loss_fn(step_model, x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = [], []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = one_step()
         sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
@@ -88,12 +92,7 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
         from torch.profiler import ProfilerActivity
         with torch.profiler.profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
             for _ in range(2):
-                with autocast:
-                    loss = loss_fn(step_model, x[:, :-1], x[:, 1:])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                one_step()
             sync(device)
         print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=90), flush=True)
     timed = sorted(times[warmup:])
