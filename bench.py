@@ -173,7 +173,7 @@ def main(args):
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
-    M.ATTENTION, M.PRECISION = "sdpa", "bf16"
+    M.ATTENTION, M.PRECISION, fp8.skip_fp8_shapes = "sdpa", "bf16", set(FP8_SKIP)
     if args.baseline:
         from transformers import Qwen3Config, Qwen3ForCausalLM
         kw = {k: v for k, v in M.hf_config_dict(meta_model.cfg).items() if k not in ("architectures", "model_type")}
