@@ -2,8 +2,9 @@
 # Issues 4 and 6 on one machine with 2 or 4 GPUs: tokens/s per GPU of DDP and FSDP against one GPU (medium-large,
 # 16 x 2048 per GPU, compiled, Gutenberg tokens), then the FSDP run on all GPUs resumed on half of them. Table last.
 #   SRC=../shared/data bash scripts/multigpu_evidence.sh
-# Environment: NGPU (2 or 4; default: all visible), SRC (data folder), RUNS (output folder, out/multigpu), STEPS per run (25), ARGS (more --key=value,
-# e.g. a CPU smoke run: ARGS="--device=cpu --preset=debug --block_size=64 --micro_batch=2 --compile=False").
+# Environment: NGPU (2 or 4; default: all visible), SRC (data folder), RUNS (output folder, out/multigpu), STEPS per
+# run (25), MB and BLOCK (16, 2048), ARGS (more --key=value; a CPU smoke run with gloo:
+# NGPU=2 MB=2 BLOCK=64 ARGS="--device=cpu --preset=debug --compile=False").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${SRC:-../shared/data}
@@ -45,8 +46,8 @@ def speed(recs):  # median tokens/s of the logged intervals after the first 10 s
     return statistics.median([r["tokens_per_s"] for r in recs])
 table, base = [], None
 fsdp = rows(f"fsdp{ngpu}")
-runs_list = [(f"ddp{n}" if n > 1 else "single", n, rows(f"ddp{n}" if n > 1 else "single")) for n in (1, 2, 4)
-             if os.path.exists(f"{runs}/{f'ddp{n}' if n > 1 else 'single'}/log.jsonl")]
+names = [(name, n) for name, n in (("single", 1), ("ddp2", 2), ("ddp4", 4)) if os.path.exists(f"{runs}/{name}/log.jsonl")]
+runs_list = [(name, n, rows(name)) for name, n in names]
 runs_list += [(f"fsdp{ngpu}", ngpu, [r for r in fsdp if r["step"] <= steps]),
               (f"fsdp{ngpu} resumed on {ngpu // 2}", ngpu // 2, [r for r in fsdp if r["step"] > steps])]
 for name, n, recs in runs_list:
