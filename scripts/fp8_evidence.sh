@@ -4,13 +4,10 @@
 #   SRC=../shared/data bash scripts/fp8_evidence.sh          (RUNS: out/fp8_check; STEPS: 300; MB, BLOCK: 16, 2048; ARGS: more overrides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SRC=${SRC:-../shared/data}
 RUNS=${RUNS:-out/fp8_check}
 STEPS=${STEPS:-300}
 MB=${MB:-16} BLOCK=${BLOCK:-2048}
-export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1
-[ -e data/gutenberg/meta.json ] || python prepare_data.py --source "$SRC/gutenberg/train.parquet" \
-    --val-source "$SRC/gutenberg/val.parquet" --out data/gutenberg
+source scripts/gutenberg_data.sh
 [ -n "${SKIP_GEMM_TABLE:-}" ] || python fp8.py --preset medium-large 2>&1 | grep -vi warn
 for p in bf16 fp8; do
     python train.py config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=$BLOCK --micro_batch=$MB \

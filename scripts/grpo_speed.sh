@@ -5,11 +5,8 @@
 #   SRC=../shared/data MBS="64 256 512" bash scripts/grpo_speed.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SRC=${SRC:-../shared/data}
 RUNS=${RUNS:-out/grpo_speed}
-export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1
-[ -e data/gutenberg/meta.json ] || python prepare_data.py --source "$SRC/gutenberg/train.parquet" \
-    --val-source "$SRC/gutenberg/val.parquet" --out data/gutenberg
+source scripts/gutenberg_data.sh
 python train.py config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=2048 --micro_batch=16 \
     --max_tokens=327680 --warmup_tokens=32768 --eval_every_steps=0 --compile=False --out_dir="$RUNS/ml" | grep -E "saved"
 for MB in ${MBS:-64 256 512}; do

@@ -7,15 +7,13 @@
 # NGPU=2 MB=2 BLOCK=64 ARGS="--device=cpu --preset=debug --compile=False").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SRC=${SRC:-../shared/data}
 RUNS=${RUNS:-out/multigpu}
 STEPS=${STEPS:-25}
 NGPU=${NGPU:-$(python -c "import torch; print(min(4, torch.cuda.device_count()))")}
 [ "$NGPU" = 2 ] || [ "$NGPU" = 4 ] || { echo "needs 2 or 4 GPUs (NGPU=$NGPU)"; exit 2; }
 HALF=$((NGPU / 2))
-export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-[ -e data/gutenberg/meta.json ] || python prepare_data.py --source "$SRC/gutenberg/train.parquet" \
-    --val-source "$SRC/gutenberg/val.parquet" --out data/gutenberg
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source scripts/gutenberg_data.sh
 MB=${MB:-16} BLOCK=${BLOCK:-2048}
 common=(config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=$BLOCK --micro_batch=$MB --grad_accum=1
         --eval_every_steps=0 --log_every_steps=5 --checkpoint_every_steps=0
