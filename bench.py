@@ -6,8 +6,8 @@ shape (compiled) as the baseline. Prints a table last and writes JSON.
         --variant attention=sdpa --variant attention=sdpa,checkpoint_activations=1 --variant precision=fp8 \
         --baseline --decode --json bench.json
 
-A variant is comma-separated key=value over: attention, precision, compile (1/0), checkpoint_activations (1/0),
-micro_batch, block_size. MFU follows ../shared/README.md (PaLM appendix B; 989e12 bf16 peak).
+A variant is comma-separated key=value over: attention, precision, residual, compile (1/0), checkpoint_activations
+(1/0), micro_batch, block_size, fp8_skip (0: FP8 in every block layer) and model shape keys (n_head, head_dim, ...). MFU follows ../shared/README.md (PaLM appendix B; 989e12 bf16 peak).
 Runs on the CPU too (tiny presets, for a smoke check): --device cpu --preset debug.
 """
 import argparse
@@ -49,7 +49,7 @@ def parse_variant(text):
     v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}  # fp8_skip=0: FP8 in every layer
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip") + SHAPE_KEYS:
+        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip", "residual") + SHAPE_KEYS:
             raise SystemExit(f"unknown variant key {key!r}")
         v[key] = int(value) if value.isdigit() else value
     return v
@@ -131,8 +131,7 @@ def attention_table(cfg, batch, block, device):
         qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, *kv))
 
         def run_flash():
-            o = flash(qf, kf, vf, causal=True)
-            (o[0] if isinstance(o, tuple) else o).sum().backward()
+            flash(qf, kf, vf, 0.0).sum().backward()
         out["flash-attn package"] = triton.testing.do_bench(run_flash, warmup=50, rep=300, return_mode="median")
     except Exception as e:
         out["flash-attn package"] = f"not measured: {str(e)[:80]}"
@@ -156,7 +155,7 @@ def main(args):
     for text in [] if args.skip_train else args.variant or [""]:
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
-        M.ATTENTION, M.PRECISION = v["attention"], v["precision"]
+        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", "fp32")
         fp8.skip_fp8_shapes = set(FP8_SKIP) if v.get("fp8_skip", 1) else set()
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
         cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
@@ -173,7 +172,7 @@ def main(args):
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
-    M.ATTENTION, M.PRECISION, fp8.skip_fp8_shapes = "sdpa", "bf16", set(FP8_SKIP)
+    M.ATTENTION, M.PRECISION, M.RESIDUAL, fp8.skip_fp8_shapes = "sdpa", "bf16", "fp32", set(FP8_SKIP)
     if args.baseline:
         from transformers import Qwen3Config, Qwen3ForCausalLM
         kw = {k: v for k, v in M.hf_config_dict(meta_model.cfg).items() if k not in ("architectures", "model_type")}

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 # Module-level switches. train.py / grpo.py / bench.py set them from their config and print them.
 ATTENTION = "sdpa"  # "sdpa": torch SDPA (cuDNN backend first on Hopper); "flash": the flash-attn package
 PRECISION = "bf16"  # "bf16": bf16 autocast over fp32 master weights; "fp8": FP8 matmuls in the blocks (fp8.py)
+RESIDUAL = "fp32"  # the residual stream under autocast: "fp32" | "autocast" (its dtype, bf16: Megatron's default; half the traffic)
 DECODE_CUDA_GRAPH = True  # generate() on CUDA replays each decoding step as one CUDA graph
 LOSS_CHUNK_ROWS = 4096  # rows of logits made at once by the loss: 4096 x 50304 fp32 = 0.8 GB, never B x T x V
 DSA_IMPL = "mask"  # DSA's selected-key attention: "mask" (selection as a mask for dense SDPA) | "gather" (O(T k))
@@ -107,23 +108,74 @@ def _sdpa_backends():
     return order
 
 
-_flash_attn_func = None
+@functools.cache
+def _fa4_causal():
+    """flash-attn 4's causal attention as two torch.library custom ops: torch.compile keeps the whole model in
+    one graph around them (its own autograd.Function would break the graph at every layer)."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    @torch.library.custom_op("nanollm::fa4_fwd", mutates_args=())
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
+        return out, lse
+
+    @fwd.register_fake
+    def _(q, k, v, scale):
+        B, T, H, _ = q.shape
+        return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.custom_op("nanollm::fa4_bwd", mutates_args=())
+    def bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True)[:3]
+        return dq, dk, dv
+
+    @bwd.register_fake
+    def _(dout, q, k, v, out, lse, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], *output)
+        ctx.scale = inputs[3]
+
+    def backward(ctx, dout, dlse):  # the lse output is internal: nothing flows into it
+        q, k, v, out, lse = ctx.saved_tensors
+        return *bwd(dout.contiguous(), q, k, v, out, lse, ctx.scale), None
+
+    fwd.register_autograd(backward, setup_context=save)
+
+    def causal(q, k, v):
+        D = q.shape[-1]
+        # zero dims change no score. flash-attn 4.0.0b36's Hopper backward returned wrong gradients at head_dim 72 and
+        # 80 and right ones at 64, 96 and 128 (BENCHMARKS.md, "flash-attn 4"): other sizes run padded to the next of those
+        pad = next((p for p in (64, 96, 128) if p >= D), D) - D
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        out = fwd(q.contiguous(), k.contiguous(), v.contiguous(), D ** -0.5)[0]
+        return out[..., :D] if pad else out
+    return causal
 
 
+@functools.cache
 def _load_flash():
-    """flash-attn 4 (flash_attn.cute) or 2/3 (flash_attn); one clear error when neither is installed."""
-    global _flash_attn_func
-    if _flash_attn_func is None:
-        try:
-            from flash_attn.cute import flash_attn_func as f  # flash-attn-4
-        except ImportError:
-            try:
-                from flash_attn import flash_attn_func as f
-            except ImportError:
-                raise RuntimeError("ATTENTION='flash' needs the flash-attn package (pip install flash-attn "
-                                   "--no-build-isolation, or flash-attn-4); it is not installed: use ATTENTION='sdpa'")
-        _flash_attn_func = f
-    return _flash_attn_func
+    """Causal attention (q, k, v, dropout_p) -> out, (B, T, H, D) layout, from flash-attn 4 (flash_attn.cute) or 2/3
+    (flash_attn); one clear error when neither is installed."""
+    try:
+        fa4 = _fa4_causal()
+
+        def flash(q, k, v, dropout_p):
+            if dropout_p > 0:
+                raise RuntimeError("flash-attn 4 has no attention dropout: set dropout=0.0 or use ATTENTION='sdpa'")
+            return fa4(q, k, v)
+        return flash
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        raise RuntimeError("ATTENTION='flash' needs the flash-attn package (pip install flash-attn-4, or flash-attn "
+                           "--no-build-isolation); it is not installed: use ATTENTION='sdpa'") from None
+    return lambda q, k, v, dropout_p: flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
 
 
 def attend(q, k, v, mask=None, dropout_p=0.0):
@@ -134,8 +186,7 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
         flash = _load_flash()
         if not q.is_cuda:
             raise RuntimeError("ATTENTION='flash' runs on CUDA only; use ATTENTION='sdpa' on the CPU")
-        out = flash(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+        return flash(q, k, v, dropout_p)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.is_cuda and mask is None:
         from torch.nn.attention import sdpa_kernel
@@ -479,8 +530,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             tgt = tc.clamp(min=0)
             loss = loss + ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
-            probs = torch.exp(logits - lse[:, None])
-            dlogits = (probs.scatter_add(1, tgt[:, None], -valid[:, None]) * valid[:, None]).to(h.dtype)  # softmax - onehot
+            onehot = torch.arange(logits.shape[1], device=h.device)[None, :] == tgt[:, None]  # a compare, not a scatter:
+            dlogits = ((torch.exp(logits - lse[:, None]) - onehot.float()) * valid[:, None]).to(h.dtype)  # one fused pass
             grad_h.append(dlogits @ weight)
             grad_w = grad_w + (dlogits.t() @ hc).float()
         ctx.save_for_backward(torch.cat(grad_h), grad_w.to(weight.dtype))
@@ -609,6 +660,10 @@ class GPT(nn.Module):
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         x = F.dropout(x, self.cfg.dropout, self.training)
+        if RESIDUAL not in ("fp32", "autocast"):
+            raise ValueError(f"unknown RESIDUAL={RESIDUAL!r}; use 'fp32' or 'autocast'")
+        if RESIDUAL == "autocast" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, None, i, None, irope, indexer_loss, use_reentrant=False)

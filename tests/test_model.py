@@ -175,13 +175,71 @@ def test_weight_decay_only_on_matmul_weights():
 def test_switches_say_clearly_what_is_missing(monkeypatch):
     m = tiny()
     monkeypatch.setattr(M, "ATTENTION", "flash")
-    monkeypatch.setattr(M, "_flash_attn_func", None)
+    M._load_flash.cache_clear()
     with pytest.raises(RuntimeError, match="flash-attn"):
         m(torch.zeros(1, 8, dtype=torch.long))
     monkeypatch.setattr(M, "ATTENTION", "sdpa")
     monkeypatch.setattr(M, "PRECISION", "fp16")
     with pytest.raises(ValueError, match="unknown PRECISION"):
         GPT(make_config("debug"))
+
+
+def _reference_attention(q, k, v, scale):
+    """Causal GQA attention in float32, (B, T, H, D) layout, and its log-sum-exp (B, H, T)."""
+    rep = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.float().transpose(1, 2), k.float().repeat_interleave(rep, 2).transpose(1, 2), v.float().repeat_interleave(rep, 2).transpose(1, 2)
+    s = qt @ kt.transpose(-1, -2) * scale
+    s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return (s.softmax(-1) @ vt).transpose(1, 2).to(q.dtype), s.logsumexp(-1)
+
+
+def test_flash_attn_4_glue_matches_sdpa_and_compiles_in_one_graph(monkeypatch):
+    """The custom ops around flash-attn 4, with a stand-in for its kernels (none run on a CPU): outputs and gradients
+    equal SDPA's, and torch.compile traces a layer through them with fullgraph=True (no graph break)."""
+    import sys
+    import types
+    calls = []
+
+    def fwd(q, k, v, softmax_scale, causal, return_lse):
+        assert causal and return_lse and q.is_contiguous() and v.is_contiguous() and q.shape[-1] == 64
+        assert softmax_scale == 12 ** -0.5  # the true head_dim's, not the padded one's
+        calls.append("fwd")
+        out, lse = _reference_attention(q, k, v, softmax_scale)
+        return out, lse, None, None, None
+
+    def bwd(q, k, v, out, dout, lse, softmax_scale, causal):  # by hand: custom ops run below autograd
+        calls.append("bwd")
+        B, T, H, D = q.shape
+        rep = H // k.shape[2]
+        qt, kt, vt, ot, dot = (t.float().transpose(1, 2) for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), out, dout))
+        p = torch.exp(qt @ kt.transpose(-1, -2) * softmax_scale - lse[..., None]).tril()
+        ds = p * (dot @ vt.transpose(-1, -2) - (dot * ot).sum(-1, keepdim=True)) * softmax_scale
+        fold = lambda g: g.view(B, -1, rep, T, D).sum(2).transpose(1, 2)  # query heads' shares back onto their K/V head
+        return (ds @ kt).transpose(1, 2), fold(ds.transpose(-1, -2) @ qt), fold(p.transpose(-1, -2) @ dot)
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = fwd, bwd
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
+                      ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    M._load_flash.cache_clear()
+    flash = M._load_flash()
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 4, 12, requires_grad=True)  # head_dim 12: padded to 64 for the kernels, as 72 to 96
+    k, v = (torch.randn(2, 16, 2, 12, requires_grad=True) for _ in range(2))
+    y = flash(q, k, v.transpose(1, 2).contiguous().transpose(1, 2), 0.0)  # a strided v is made contiguous
+    grads = torch.autograd.grad(y.square().sum(), (q, k, v))
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert torch.allclose(y, ref, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v), retain_graph=True)):
+        assert torch.allclose(g, r, atol=1e-5)
+    assert calls == ["fwd", "bwd"]
+    with pytest.raises(RuntimeError, match="no attention dropout"):
+        flash(q, k, v, 0.1)
+    compiled = torch.compile(lambda q, k, v: flash(q, k, v, 0.0).sum(), backend="aot_eager", fullgraph=True)
+    compiled(q, k, v).backward()
+    assert torch.allclose(q.grad, torch.autograd.grad(ref.sum(), q)[0], atol=1e-5)
+    M._load_flash.cache_clear()
 
 
 def test_unknown_preset_or_field():
@@ -198,3 +256,17 @@ def test_generation_with_bf16_weights():
     assert out.shape == (2, 5) and lengths.tolist() == [5, 5]
     again, _ = m.generate([[1, 2, 3], [4]], 5, temperature=0, use_cache=False)
     assert torch.equal(out, again)
+
+
+def test_residual_stream_in_the_autocast_dtype(monkeypatch):
+    m = tiny()
+    x = torch.randint(0, 100, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss32, h32 = m(x, x), m.hidden(x)
+        monkeypatch.setattr(M, "RESIDUAL", "autocast")
+        loss16, h16 = m(x, x), m.hidden(x)
+    assert h32.dtype == torch.float32 and h16.dtype == torch.bfloat16
+    assert abs(loss16.item() - loss32.item()) < 1e-2 and loss16.item() != loss32.item()
+    monkeypatch.setattr(M, "RESIDUAL", "fp16")
+    with pytest.raises(ValueError, match="unknown RESIDUAL"):
+        m(x, x)
