@@ -11,6 +11,7 @@ One step (DeepSeekMath's GRPO, with DeepSeek-V3.2's unbiased KL and off-policy s
   2. rewards (tasks.py); advantage A_i = (r_i - mean_group) / (std_group + eps), or without the std (Dr. GRPO);
      groups whose rewards are all equal carry no signal and are dropped (frac_zero_std);
   3. old and reference log-probs of the sampled tokens, by the same code and in the same micro-batches as training;
+     with one update per batch (fuse_old_logprobs) the old ones are the update forward's own, detached: no pass here;
   4. `updates_per_batch` optimizer steps, each on the whole batch with gradients accumulated over micro-batches of
         loss = 1/N sum_{i,t} [ -min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i) * M_i + beta * r * (q/p - log(q/p) - 1) ]
      r = pi_theta/pi_old per token (not detached), p = pi_theta, q = pi_ref, N = completion tokens of the whole step
@@ -28,6 +29,7 @@ import time
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
+from functools import cache
 
 import numpy as np
 import torch
@@ -83,6 +85,7 @@ drop_degenerate = False  # leave out samples with no parsable answer or runaway 
 updates_per_batch = 1  # mu: optimizer steps on each rollout batch (> 1 makes the ratio and the clipping matter)
 micro_batch = 32  # sequences per forward/backward; the loss is summed over the step's tokens, so any size gives the same gradient
 logprob_chunk_rows = 4096  # completion tokens whose float32 logits exist at once (4096 x 50304 x 4 B = 0.8 GB), never B x T x V
+fuse_old_logprobs = True  # updates_per_batch 1, untruncated, no dropout: old log-probs = the update's own, detached (one forward fewer)
 # optimizer
 lr = 1e-5
 warmup_steps = 10  # linear warm-up, then constant
@@ -97,6 +100,7 @@ device = "auto"  # "auto" | "cpu" | "cuda"
 dtype = "auto"  # autocast dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
 attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
 checkpoint_activations = False  # recompute blocks in backward (train passes only): less memory, ~25% more compute
+compile = False  # torch.compile the training and log-prob forward (model.hidden without a KV cache); generate() keeps its CUDA graphs
 seed = 1337
 scratch_preset = "debug"  # init_from="scratch": this model preset with a char tokenizer over the tasks' characters
 show_samples = 2  # completions printed at each evaluation
@@ -106,12 +110,15 @@ _DEFAULTS = {k: v for k, v in dict(globals()).items()
 
 
 # ---- log-probs of completions ---------------------------------------------------------------------
-def pack_rows(prompts, completions, device, pad_id=0):
+def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None):
     """Right-padded rows prompt + completion -> (seqs (B, T), prompt_lens (B,), comp_lens (B,)).
-    Row b starts at position 0 like generate()'s row b (which left-pads), so RoPE positions agree."""
+    Row b starts at position 0 like generate()'s row b (which left-pads), so RoPE positions agree. T is the longest
+    row rounded up to `multiple`, within max_len: fewer shapes for torch.compile, and causal attention makes the
+    extra right padding change no log-prob of a real token."""
     plen = [len(p) for p in prompts]
     clen = [len(c) for c in completions]
     T = max(a + b for a, b in zip(plen, clen))
+    T = max(T, min(-(-T // multiple) * multiple, max_len or math.inf))
     seqs = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         seqs[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
@@ -132,7 +139,8 @@ def unpack_bits(bits, vocab_size):
 
 def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, extras):
     """log pi(target) at `temperature` for rows of hidden states; the kept set (sampling truncation) either given as
-    bits or, when truncating, rebuilt from these logits (plus the target: it was sampled, so it was kept)."""
+    bits or, when truncating, rebuilt from these logits (plus the target: it was sampled, so it was kept).
+    extras: also the entropy and the kept bits, without grad (under checkpoint, backward does not recompute them)."""
     logits = model.logits(h) / temperature
     kept = None
     if kept_bits is not None:
@@ -146,39 +154,45 @@ def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, ext
     logp = logp_all.gather(1, targets[:, None]).squeeze(1)
     if not extras:
         return logp
-    p = logp_all.exp()
-    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    with torch.no_grad():
+        p = logp_all.exp()
+        entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
     return logp, entropy, (pack_bits(kept) if kept is not None else None)
 
 
+@cache
+def compiled_hidden():
+    """torch.compile(GPT.hidden), made once (policy and reference call it with themselves); generate() calls
+    model.hidden directly, so decoding keeps its eager KV cache and CUDA graphs. dynamic: B and T vary per micro-batch."""
+    return torch.compile(GPT.hidden, dynamic=True)
+
+
 def completion_logprobs(model, seqs, prompt_lens, comp_lens, temperature=1.0, top_k=0, top_p=1.0, kept_bits=None,
-                        extras=False, chunk_rows=4096):
+                        extras=False, chunk_rows=4096, compiled=False):
     """Log-probs of each row's completion tokens, (B, L) with L = max completion length, and the mask (B, L) of real
     completion tokens (from the lengths). Only completion positions reach the head, `chunk_rows` at a time, each
     chunk recomputed in backward (torch.utils.checkpoint) so no float32 B x T x V ever exists.
-    extras (no grad): also per-token entropy (B, L) and the kept-token bits (N, V/8) in mask order, or None."""
+    extras: also per-token entropy (B, L) and the kept-token bits (N, V/8) in mask order, or None; both without grad.
+    compiled: the transformer through compiled_hidden()."""
     B, T = seqs.shape
     L = int(comp_lens.max())
     j = torch.arange(L, device=seqs.device)
     mask = j[None, :] < comp_lens[:, None]
     pos = (prompt_lens[:, None] - 1 + j[None, :]).clamp(max=T - 2)  # the position whose output predicts token j
     rows = torch.arange(B, device=seqs.device)[:, None].expand(B, L)
-    h = model.hidden(seqs)
+    h = compiled_hidden()(model, seqs) if compiled else model.hidden(seqs)
     h = h[rows[mask], pos[mask]]
     targets = seqs[rows[mask], pos[mask] + 1]
     logps, ents, kepts = [], [], []
     for i in range(0, len(targets), chunk_rows):
         args = (model, h[i:i + chunk_rows], targets[i:i + chunk_rows],
-                None if kept_bits is None else kept_bits[i:i + chunk_rows], temperature, top_k, top_p)
+                None if kept_bits is None else kept_bits[i:i + chunk_rows], temperature, top_k, top_p, extras)
+        out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args)
         if extras:
-            lp, ent, kept = _chunk_logprobs(*args, True)
+            out, ent, kept = out
             ents.append(ent)
             kepts.append(kept)
-        elif torch.is_grad_enabled():
-            lp = checkpoint(_chunk_logprobs, *args, False, use_reentrant=False)
-        else:
-            lp = _chunk_logprobs(*args, False)
-        logps.append(lp)
+        logps.append(out)
     logp = torch.zeros(B, L, dtype=torch.float32, device=seqs.device)
     logp = logp.masked_scatter(mask, torch.cat(logps))
     if not extras:
@@ -300,40 +314,62 @@ def training_truncation(cfg):
     return 0, 1.0
 
 
+def fuses_old_logprobs(policy, cfg):
+    """Old log-probs = the update forward's own, detached: right when the old policy is the current one (one update),
+    train and eval forwards agree (no dropout) and the reference needs no kept sets from an old forward (no truncation)."""
+    return (cfg["fuse_old_logprobs"] and cfg["updates_per_batch"] == 1 and policy.cfg.dropout == 0
+            and training_truncation(cfg) == (0, 1.0))
+
+
 @torch.no_grad()
 def prepare_microbatches(policy, ref, prompts, completions, adv, cfg, device, autocast=nullcontext()):
     """Micro-batches (sequences sorted by length: less padding) with the old and reference log-probs, computed by the
-    same function, in the same micro-batches and eval mode as training will use: the first update's ratio is exactly 1."""
+    same function, in the same micro-batches and eval mode as training will use: the first update's ratio is exactly 1
+    (eager; compiled, the no-grad and training graphs round differently: mean |log ratio| 4e-3, bf16, medium-large, H200).
+    -> (micro-batches, entropy summed over their tokens). When fuses_old_logprobs, no policy forward runs here: "old"
+    is None and the entropy 0; backward_on_batch takes both from the update's forward."""
     tk, tp = training_truncation(cfg)
+    fuse = fuses_old_logprobs(policy, cfg)
+    pad = 64 if cfg["compile"] else 1  # fewer distinct shapes to compile
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
     policy.eval()
     mbs, ent_sum = [], 0.0
     for s in range(0, len(order), cfg["micro_batch"]):
         ids = order[s:s + cfg["micro_batch"]]
-        seqs, plen, clen = pack_rows([prompts[i] for i in ids], [completions[i] for i in ids], device)
+        seqs, plen, clen = pack_rows([prompts[i] for i in ids], [completions[i] for i in ids], device, multiple=pad,
+                                     max_len=policy.cfg.block_size)
+        old = kept = ref_lp = None
         with autocast:
-            old, mask, ent, kept = completion_logprobs(policy, seqs, plen, clen, cfg["temperature"], tk, tp, extras=True,
-                                                       chunk_rows=cfg["logprob_chunk_rows"])
-            ref_lp = None
+            if not fuse:
+                old, mask, ent, kept = completion_logprobs(policy, seqs, plen, clen, cfg["temperature"], tk, tp,
+                                                           extras=True, chunk_rows=cfg["logprob_chunk_rows"],
+                                                           compiled=cfg["compile"])
+                ent_sum += float((ent * mask).sum())
             if ref is not None and cfg["beta"] > 0:  # the reference over the same kept sets: KL between like supports
                 ref_lp, _ = completion_logprobs(ref, seqs, plen, clen, cfg["temperature"], tk, tp, kept_bits=kept,
-                                                chunk_rows=cfg["logprob_chunk_rows"])
-        ent_sum += float((ent * mask).sum())
-        mbs.append({"seqs": seqs, "plen": plen, "clen": clen, "old": old, "ref": ref_lp, "kept": kept, "mask": mask,
+                                                chunk_rows=cfg["logprob_chunk_rows"], compiled=cfg["compile"])
+        mbs.append({"seqs": seqs, "plen": plen, "clen": clen, "old": old, "ref": ref_lp, "kept": kept,
                     "adv": adv[ids].to(device)})
     return mbs, ent_sum
 
 
 def backward_on_batch(policy, mbs, n_tokens, cfg, autocast=nullcontext()):
-    """Accumulate into .grad the gradient of sum_{tokens of the step} loss / n_tokens, micro-batch by micro-batch."""
+    """Accumulate into .grad the gradient of sum_{tokens of the step} loss / n_tokens, micro-batch by micro-batch.
+    A micro-batch without "old" (fuses_old_logprobs) takes this forward's log-probs, detached (ratio 1), and adds its
+    entropy (no grad) to the stats."""
     tk, tp = training_truncation(cfg)
     stats = {}
     for mb in mbs:
+        fused = mb["old"] is None
         with autocast:
-            logp, mask = completion_logprobs(policy, mb["seqs"], mb["plen"], mb["clen"], cfg["temperature"], tk, tp,
-                                             kept_bits=mb["kept"], chunk_rows=cfg["logprob_chunk_rows"])
-        loss, st = grpo_token_loss(logp, mb["old"], mb["ref"], mb["adv"], mask, cfg["eps_low"], cfg["eps_high"],
-                                   cfg["beta"], cfg["delta"])
+            out = completion_logprobs(policy, mb["seqs"], mb["plen"], mb["clen"], cfg["temperature"], tk, tp,
+                                      kept_bits=mb["kept"], extras=fused, chunk_rows=cfg["logprob_chunk_rows"],
+                                      compiled=cfg["compile"])
+        logp, mask = out[:2]
+        loss, st = grpo_token_loss(logp, logp.detach() if fused else mb["old"], mb["ref"], mb["adv"], mask,
+                                   cfg["eps_low"], cfg["eps_high"], cfg["beta"], cfg["delta"])
+        if fused:
+            st["entropy"] = (out[2] * mask).sum()
         (loss.sum() / n_tokens).backward()
         for k, v in st.items():
             stats[k] = stats.get(k, 0.0) + float(v)
@@ -393,7 +429,8 @@ def grpo_step(policy, ref, optimizer, tok, examples, cfg, reward_fn, lr_now, dev
     train_tokens = sum(len(rows[i]) + len(s["completion"][i]) for i in idx) * mu
     m.update({"loss": totals["loss"] / mu, "kl": totals["kl"] / ntok, "clip_low": totals["clip_low"] / ntok,
               "clip_high": totals["clip_high"] / ntok, "masked_frac": totals["masked_seqs"] / max(totals["seqs"], 1.0),
-              "abs_log_ratio": totals["abs_log_ratio"] / ntok, "entropy": ent_sum / max(n_tokens, 1),
+              "abs_log_ratio": totals["abs_log_ratio"] / ntok,
+              "entropy": (ent_sum + totals.get("entropy", 0.0)) / max(n_tokens, 1),  # fused: from the update (mu = 1)
               "grad_norm": grad_norm, "lr": lr_now, "train_tokens": n_tokens, "train_tok_s": train_tokens / max(t3 - t2, 1e-9),
               "t_logprobs": t2 - t1, "t_train": t3 - t2, "t_step": time.time() - t0})
     return m, s
@@ -622,7 +659,8 @@ if __name__ == "__main__":
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=1))
     print(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} "
-          f"device={dev} checkpoint_activations={checkpoint_activations}")
+          f"device={dev} checkpoint_activations={checkpoint_activations} compile={compile} "
+          f"fuse_old_logprobs={fuses_old_logprobs(policy, config)}")
     print(f"model: {policy.num_params():,} parameters, {asdict(policy.cfg)}; tokenizer {tokenizer_meta['tokenizer']} "
           f"({tok.vocab_size} ids); reference: {'none (beta=0)' if ref is None else reference_path or 'the starting weights'}")
     print(f"sampling: temperature {temperature}, top_k {top_k or 'off'}, top_p {top_p if top_p < 1 else 'off'}; "

@@ -1,5 +1,6 @@
 """grpo.py on the CPU: the loss against hand-computed numbers, the KL gradient, ratio == 1 on the first update,
-micro-batch accumulation, position-based masks, Keep Sampling Mask, learning a trivial reward, resume."""
+micro-batch accumulation, position-based masks, Keep Sampling Mask, fused old log-probs, right padding, the compiled
+forward, learning a trivial reward, resume."""
 import json
 import math
 import os
@@ -168,7 +169,7 @@ def test_ratio_is_exactly_one_on_the_first_update(top_k, top_p, ckpt_act):
     m = tiny_model()
     m.cfg.checkpoint_activations = ckpt_act
     c = cfg(samples_per_prompt=4, max_new_tokens=9, temperature=0.8, top_k=top_k, top_p=top_p, micro_batch=5,
-            logprob_chunk_rows=7, beta=0.1)
+            logprob_chunk_rows=7, beta=0.1, fuse_old_logprobs=False)
     rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], 4, c)
     adv = torch.randn(len(rows))
     ref = tiny_model(seed=1)
@@ -187,7 +188,7 @@ def test_ratio_is_exactly_one_on_the_first_update(top_k, top_p, ckpt_act):
 
 def test_keep_sampling_mask_renormalises_over_the_kept_set():
     m = tiny_model()
-    c = cfg(samples_per_prompt=8, max_new_tokens=5, temperature=1.0, top_k=3, micro_batch=100)
+    c = cfg(samples_per_prompt=8, max_new_tokens=5, temperature=1.0, top_k=3, micro_batch=100, fuse_old_logprobs=False)
     rows, comps = rollout_batch(m, 39, [[1, 2, 3]], 8, c)
     mbs, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c, CPU)
     mb = mbs[0]
@@ -201,7 +202,8 @@ def test_keep_sampling_mask_renormalises_over_the_kept_set():
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient():
     m = tiny_model()
-    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=1.0, beta=0.05, eps_low=0.1, eps_high=0.1, delta=0.02)
+    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=1.0, beta=0.05, eps_low=0.1, eps_high=0.1, delta=0.02,
+            fuse_old_logprobs=False)  # old log-probs of pi_old, then the policy moves: a later update's case
     rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], 4, c)
     adv = torch.randn(len(rows))
     ref = tiny_model(seed=1)
@@ -223,6 +225,94 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def two_ways(c, key, values, **model_kw):
+    """prepare_microbatches + backward_on_batch of one rollout batch with cfg key = each value, from the same weights:
+    -> {value: (micro-batches, stats with the entropy sum, grads, policy.hidden calls)}."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]]
+    rows, comps = rollout_batch(tiny_model(**model_kw), 39, prompts, c["samples_per_prompt"], c)
+    adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+    ref = tiny_model(seed=1, **model_kw)
+    out = {}
+    for v in values:
+        policy, cc, calls = tiny_model(**model_kw), cfg(**{**c, key: v}), []
+        hidden = policy.hidden
+        policy.hidden = lambda *a, **k: calls.append(1) or hidden(*a, **k)
+        mbs, ent_sum = grpo.prepare_microbatches(policy, ref, rows, comps, adv, cc, CPU)
+        policy.train()
+        st = grpo.backward_on_batch(policy, mbs, sum(map(len, comps)), cc)
+        st["entropy"] = ent_sum + st.get("entropy", 0.0)
+        out[v] = (mbs, st, [p.grad for p in policy.parameters()], len(calls))
+    return out
+
+
+def test_fused_old_logprobs_equal_the_two_pass_step_with_one_policy_forward_fewer():
+    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=0.9, beta=0.05, micro_batch=5, logprob_chunk_rows=7)
+    out = two_ways(c, "fuse_old_logprobs", (False, True))
+    (mbs, st2, g2, n2), (mbs_f, st1, g1, n1) = out[False], out[True]
+    assert mbs_f[0]["old"] is None and n2 == 2 * len(mbs) and n1 == len(mbs)  # old + update forwards vs the update's
+    assert st1.keys() == st2.keys() and st1["entropy"] > 0
+    for k in st1:
+        assert math.isclose(st1[k], st2[k], rel_tol=1e-6, abs_tol=1e-9), k
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    # the whole step: every logged metric and the updated weights
+    chars = sorted(set(" ABCD?:\nQ"))
+    tok = load_tokenizer({"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eos_id": len(chars)})
+    examples = [{"prompt": p, "task": "x"} for p in ("Q: A?\nA:", "Q: B?\nA:", "Q: ABCD?\nA:")]
+    ref = tiny_model(vocab=tok.vocab_size, seed=1)
+    runs = []
+    for fuse in (False, True):
+        policy = tiny_model(vocab=tok.vocab_size)
+        opt = policy.configure_optimizer(1e-3, 0.0, (0.9, 0.99), "cpu")
+        torch.manual_seed(5)
+        m, _ = grpo.grpo_step(policy, ref, opt, tok, examples, cfg(samples_per_prompt=8, max_new_tokens=4, micro_batch=7,
+                              beta=0.05, fuse_old_logprobs=fuse), lambda t, e: (float("C" in t), True), 1e-3, CPU)
+        runs.append((m, list(policy.parameters())))
+    (m2, p2), (m1, p1) = runs
+    assert "skipped" not in m1 and m1.keys() == m2.keys()
+    for k in m1:
+        if not k.startswith("t_") and not k.endswith("tok_s"):
+            assert math.isclose(m1[k], m2[k], rel_tol=1e-6, abs_tol=1e-9), k
+    for a, b in zip(p1, p2):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_fused_old_logprobs_only_where_they_are_the_old_policys():
+    m, c = tiny_model(), cfg()
+    assert grpo.fuses_old_logprobs(m, c)
+    assert grpo.fuses_old_logprobs(m, cfg(top_k=5, keep_sampling_mask=False))  # full-softmax log-probs: no kept sets
+    for kw in ({"fuse_old_logprobs": False}, {"updates_per_batch": 2}, {"top_k": 5}, {"top_p": 0.9}):
+        assert not grpo.fuses_old_logprobs(m, cfg(**kw)), kw
+    assert not grpo.fuses_old_logprobs(tiny_model(dropout=0.1), c)  # train and eval forwards would differ
+
+
+def test_right_padding_changes_no_logprob():
+    m = tiny_model()
+    prompts, comps = [[5, 6, 7, 8, 9], [3], [1, 2]], [[0, 0, 1], [4, 0, 0, 0, 7], [2]]
+    seqs, plen, clen = grpo.pack_rows(prompts, comps, CPU)
+    padded = grpo.pack_rows(prompts, comps, CPU, multiple=64, max_len=256)
+    assert seqs.shape[1] == 8 and padded[0].shape[1] == 64 and torch.equal(padded[0][:, :8], seqs)
+    assert grpo.pack_rows(prompts, comps, CPU, multiple=64, max_len=20)[0].shape[1] == 20  # never past the context
+    a, mask = grpo.completion_logprobs(m, seqs, plen, clen, 0.8)
+    b, mask_b = grpo.completion_logprobs(m, *padded, 0.8)
+    assert torch.equal(mask, mask_b) and torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_compiled_forward_matches_eager():
+    """compile=True (inductor on the CPU: ~37 s cold, ~7 s with its cache on 2 cores): the old, reference and update
+    forwards through torch.compile, rows padded to 64, agree with eager ones."""
+    c = cfg(samples_per_prompt=4, max_new_tokens=8, beta=0.05, micro_batch=8, fuse_old_logprobs=False)
+    out = two_ways(c, "compile", (False, True), n_layer=1)  # one block: half the tracing
+    (mbs_e, st_e, g_e, _), (mbs_c, st_c, g_c, _) = out[False], out[True]
+    assert mbs_c[0]["seqs"].shape[1] == 64 and mbs_e[0]["seqs"].shape[1] < 64
+    for a, b in zip(mbs_e, mbs_c):
+        assert torch.allclose(a["old"], b["old"], atol=1e-5) and torch.allclose(a["ref"], b["ref"], atol=1e-5)
+    for k in st_e:
+        assert math.isclose(st_e[k], st_c[k], rel_tol=1e-5, abs_tol=1e-7), k
+    for a, b in zip(g_e, g_c):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 # ---- rollouts and scoring ----------------------------------------------------------------------------------------
