@@ -302,11 +302,11 @@ def test_right_padding_changes_no_logprob():
 
 def test_compiled_forward_matches_eager():
     """compile=True (inductor on the CPU: ~37 s cold, ~7 s with its cache on 2 cores): the old, reference and update
-    forwards through torch.compile, rows padded to 64, agree with eager ones."""
+    forwards through torch.compile, rows padded to a multiple of 16, agree with eager ones."""
     c = cfg(samples_per_prompt=4, max_new_tokens=8, beta=0.05, micro_batch=8, fuse_old_logprobs=False)
     out = two_ways(c, "compile", (False, True), n_layer=1)  # one block: half the tracing
     (mbs_e, st_e, g_e, _), (mbs_c, st_c, g_c, _) = out[False], out[True]
-    assert mbs_c[0]["seqs"].shape[1] == 64 and mbs_e[0]["seqs"].shape[1] < 64
+    assert mbs_c[0]["seqs"].shape[1] % 16 == 0 and mbs_e[0]["seqs"].shape[1] % 16 != 0
     for a, b in zip(mbs_e, mbs_c):
         assert torch.allclose(a["old"], b["old"], atol=1e-5) and torch.allclose(a["ref"], b["ref"], atol=1e-5)
     for k in st_e:
