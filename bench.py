@@ -155,7 +155,7 @@ def main(args):
     for text in [] if args.skip_train else args.variant or [""]:
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
-        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", "fp32")
+        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", "autocast")
         fp8.skip_fp8_shapes = set(FP8_SKIP) if v.get("fp8_skip", 1) else set()
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
         cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
@@ -172,7 +172,7 @@ def main(args):
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
-    M.ATTENTION, M.PRECISION, M.RESIDUAL, fp8.skip_fp8_shapes = "sdpa", "bf16", "fp32", set(FP8_SKIP)
+    M.ATTENTION, M.PRECISION, M.RESIDUAL, fp8.skip_fp8_shapes = "sdpa", "bf16", "autocast", set(FP8_SKIP)
     if args.baseline:
         from transformers import Qwen3Config, Qwen3ForCausalLM
         kw = {k: v for k, v in M.hf_config_dict(meta_model.cfg).items() if k not in ("architectures", "model_type")}

@@ -99,6 +99,7 @@ save_every = 50  # steps; and after the last
 device = "auto"  # "auto" | "cpu" | "cuda"
 dtype = "auto"  # autocast dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
 attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
+residual = "autocast"  # model.RESIDUAL: "autocast" (the residual stream in bf16) | "fp32"
 checkpoint_activations = False  # recompute blocks in backward (train passes only): less memory, ~25% more compute
 compile = False  # torch.compile the training and log-prob forward (model.hidden without a KV cache); generate() keeps its CUDA graphs
 seed = 1337
@@ -603,7 +604,7 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    M.ATTENTION = attention
+    M.ATTENTION, M.RESIDUAL = attention, residual
 
     # ---- data (checked before any GPU work) ----
     for name in (task, eval_task):
@@ -658,7 +659,7 @@ if __name__ == "__main__":
 
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=1))
-    print(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} "
+    print(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} RESIDUAL={M.RESIDUAL} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} "
           f"device={dev} checkpoint_activations={checkpoint_activations} compile={compile} "
           f"fuse_old_logprobs={fuses_old_logprobs(policy, config)}")
     print(f"model: {policy.num_params():,} parameters, {asdict(policy.cfg)}; tokenizer {tokenizer_meta['tokenizer']} "

@@ -261,6 +261,7 @@ def test_generation_with_bf16_weights():
 def test_residual_stream_in_the_autocast_dtype(monkeypatch):
     m = tiny()
     x = torch.randint(0, 100, (2, 32))
+    monkeypatch.setattr(M, "RESIDUAL", "fp32")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss32, h32 = m(x, x), m.hidden(x)
         monkeypatch.setattr(M, "RESIDUAL", "autocast")
