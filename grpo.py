@@ -29,7 +29,6 @@ import time
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
-from functools import cache
 
 import numpy as np
 import torch
@@ -101,7 +100,7 @@ dtype = "auto"  # autocast dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bf
 attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
 residual = "autocast"  # model.RESIDUAL: "autocast" (the residual stream in bf16) | "fp32"
 checkpoint_activations = False  # recompute blocks in backward (train passes only): less memory, ~25% more compute
-compile = False  # torch.compile the training and log-prob forward (model.hidden without a KV cache); generate() keeps its CUDA graphs
+compile = False  # torch.compile the log-prob and update forwards and the rollouts' prefill; decoding steps keep their CUDA graphs
 seed = 1337
 scratch_preset = "debug"  # init_from="scratch": this model preset with a char tokenizer over the tasks' characters
 show_samples = 2  # completions printed at each evaluation
@@ -161,27 +160,20 @@ def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, ext
     return logp, entropy, (pack_bits(kept) if kept is not None else None)
 
 
-@cache
-def compiled_hidden():
-    """torch.compile(GPT.hidden), made once (policy and reference call it with themselves); generate() calls
-    model.hidden directly, so decoding keeps its eager KV cache and CUDA graphs. dynamic: B and T vary per micro-batch."""
-    return torch.compile(GPT.hidden, dynamic=True)
-
-
 def completion_logprobs(model, seqs, prompt_lens, comp_lens, temperature=1.0, top_k=0, top_p=1.0, kept_bits=None,
                         extras=False, chunk_rows=4096, compiled=False):
     """Log-probs of each row's completion tokens, (B, L) with L = max completion length, and the mask (B, L) of real
     completion tokens (from the lengths). Only completion positions reach the head, `chunk_rows` at a time, each
     chunk recomputed in backward (torch.utils.checkpoint) so no float32 B x T x V ever exists.
     extras: also per-token entropy (B, L) and the kept-token bits (N, V/8) in mask order, or None; both without grad.
-    compiled: the transformer through compiled_hidden()."""
+    compiled: the transformer through model.compiled_hidden()."""
     B, T = seqs.shape
     L = int(comp_lens.max())
     j = torch.arange(L, device=seqs.device)
     mask = j[None, :] < comp_lens[:, None]
     pos = (prompt_lens[:, None] - 1 + j[None, :]).clamp(max=T - 2)  # the position whose output predicts token j
     rows = torch.arange(B, device=seqs.device)[:, None].expand(B, L)
-    h = compiled_hidden()(model, seqs) if compiled else model.hidden(seqs)
+    h = M.compiled_hidden()(model, seqs) if compiled else model.hidden(seqs)
     h = h[rows[mask], pos[mask]]
     targets = seqs[rows[mask], pos[mask] + 1]
     logps, ents, kepts = [], [], []
@@ -277,7 +269,7 @@ def rollout(model, prompt_ids, cfg, eos_id, autocast=nullcontext()):
     for i in range(0, len(rows), cfg["rollout_batch"]):
         with autocast:
             out, n = model.generate(rows[i:i + cfg["rollout_batch"]], cfg["max_new_tokens"], cfg["temperature"],
-                                    cfg["top_k"] or None, cfg["top_p"], eos_id)
+                                    cfg["top_k"] or None, cfg["top_p"], eos_id, compile_prefill=cfg["compile"])
         outs.append(out.cpu())
         lens.append(n.cpu())
     return rows, torch.cat(outs), torch.cat(lens)

@@ -722,11 +722,13 @@ class GPT(nn.Module):
     # ---- generation ----
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, use_cache=True):
+                 generator=None, use_cache=True, compile_prefill=False):
         """Batched sampling from prompts of different lengths (a list of lists of token ids).
 
         Returns (tokens, lengths): tokens (B, max_new_tokens) long, padded with eos_id (or 0) after a
         row stops; lengths (B,) the number of new tokens per row, its EOS included. temperature 0 = greedy.
+        compile_prefill: the prompt block through compiled_hidden() (eager, its unfused elementwise kernels were
+        three quarters of a GRPO prefill's GPU time; BENCHMARKS.md); decoding steps replay CUDA graphs either way.
         """
         device = self.rope_cos.device
         B, longest = len(prompts), max(len(p) for p in prompts)
@@ -744,7 +746,8 @@ class GPT(nn.Module):
         cache = KVCache(self.cfg, B, longest + max_new_tokens, pad, self._compute_dtype(), device) if use_cache else None
         seq = idx
         if cache is not None:
-            logits = self.logits(self.hidden(idx, cache)[:, -1])  # prefill: the whole prompt block at once
+            prefill = compiled_hidden() if compile_prefill else GPT.hidden
+            logits = self.logits(prefill(self, idx, cache)[:, -1])  # prefill: the whole prompt block at once
             decode = self._decoder(cache, B, device)
         for t in range(max_new_tokens):
             if cache is None:  # a full forward over the (left-padded) sequence each step; for tests and checks
@@ -808,6 +811,13 @@ class GPT(nn.Module):
         no_decay = [p for p in self.parameters() if id(p) not in matmul and p.requires_grad]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+@functools.cache
+def compiled_hidden():
+    """torch.compile(GPT.hidden), made once and shared by every model (each passes itself): GRPO's log-prob and update
+    forwards and generate()'s prefill. dynamic: batch and length change from call to call."""
+    return torch.compile(GPT.hidden, dynamic=True)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -1,6 +1,7 @@
 """GPU correctness checks, run first in every GPU evidence script; exits 1 on any failure:
 1. gradients of the compiled model under bf16 autocast equal eager ones (and are not zero);
-2. generate() replaying CUDA graphs gives the tokens of eager decoding (greedy);
+2. generate() replaying CUDA graphs gives the tokens of eager decoding (greedy); a compiled prefill writes the eager
+   prefill's hidden states and KV cache;
 3. PRECISION="fp8": loss and gradients near bf16's on the same weights and batch;
 4. decoding's attention (decode_attend) equals SDPA's memory-efficient kernel, and cached greedy decoding gives
    the tokens of full forwards without a cache;
@@ -42,9 +43,18 @@ with torch.autocast(dev, dtype=torch.bfloat16):
     M.DECODE_CUDA_GRAPH = False
     eager, _ = m.generate(prompts, 24, temperature=0)
     M.DECODE_CUDA_GRAPH = True
+    longest = max(map(len, prompts))  # the prefill of generate(compile_prefill=True), compiled vs eager
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    idx = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=dev)
+    caches = [M.KVCache(m.cfg, len(prompts), longest + 8, pad, torch.bfloat16, dev) for _ in range(2)]
+    with torch.no_grad():
+        h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
 same = (graphed == eager).float().mean().item()
-print(f"2. CUDA-graph decode vs eager: {100 * same:.1f}% of greedy tokens equal")
-ok &= same > 0.95  # bf16 near-ties may flip a late token; a broken graph gives ~0%
+rel_h = ((h_comp - h_eager).float().norm() / h_eager.float().norm()).item()
+rel_k = ((caches[1].k - caches[0].k).float().norm() / caches[0].k.float().norm()).item()
+print(f"2. CUDA-graph decode vs eager: {100 * same:.1f}% of greedy tokens equal; compiled prefill vs eager: hidden states "
+      f"{rel_h:.1e}, KV cache {rel_k:.1e} relative difference, cache length {caches[1].length} / {caches[0].length}")
+ok &= same > 0.95 and rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
 
 M.PRECISION = "fp8"
 m8 = M.GPT(m.cfg).to(dev)

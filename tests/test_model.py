@@ -271,3 +271,13 @@ def test_residual_stream_in_the_autocast_dtype(monkeypatch):
     monkeypatch.setattr(M, "RESIDUAL", "fp16")
     with pytest.raises(ValueError, match="unknown RESIDUAL"):
         m(x, x)
+
+
+def test_compiled_prefill_gives_the_eager_tokens():
+    """generate(compile_prefill=True): the prompt block through torch.compile (inductor on the CPU, ~20 s) writes the
+    same KV cache, so greedy decoding continues to the same tokens, for two prompt-block shapes."""
+    m = tiny()
+    for prompts in ([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], [[3] * 9, [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]):
+        eager, n_eager = m.generate(prompts, 6, temperature=0)
+        compiled, n_compiled = m.generate(prompts, 6, temperature=0, compile_prefill=True)
+        assert torch.equal(eager, compiled) and torch.equal(n_eager, n_compiled)
