@@ -3,7 +3,8 @@
 # 16 x 2048 per GPU, compiled, Gutenberg tokens), then the FSDP run on all GPUs resumed on half of them. Table last.
 #   SRC=../shared/data bash scripts/multigpu_evidence.sh
 # Environment: NGPU (2 or 4; default: all visible), SRC (data folder), RUNS (output folder, out/multigpu), STEPS per
-# run (25), MB and BLOCK (16, 2048), ARGS (more --key=value; a CPU smoke run with gloo:
+# run (25), ONLY (a subset of "single ddp2 ddp4 fsdp"; fsdp includes its resume), MB and BLOCK (16, 2048), ARGS (more
+# --key=value; a CPU smoke run with gloo:
 # NGPU=2 MB=2 BLOCK=64 ARGS="--device=cpu --preset=debug --compile=False").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +30,14 @@ rm -rf "$RUNS"
 specs=("1 single ddp" "2 ddp2 ddp")
 [ "$NGPU" = 4 ] && specs+=("4 ddp4 ddp")
 specs+=("$NGPU fsdp$NGPU fsdp")
+ONLY=${ONLY:-single ddp2 ddp4 fsdp}
 for spec in "${specs[@]}"; do
     read -r n name mode <<< "$spec"
+    [[ " $ONLY " == *" ${name%[0-9]} "* || " $ONLY " == *" $name "* ]] || continue
     launch "$n" "$RUNS/$name" $((STEPS * n * MB * BLOCK)) --parallel="$mode"
 done
 # resume the FSDP run on half the GPUs for STEPS more steps (the schedule counts tokens, so it carries over)
-launch "$HALF" "$RUNS/fsdp$NGPU" $((STEPS * (NGPU + HALF) * MB * BLOCK)) --parallel=fsdp --init_from=resume
+[[ " $ONLY " == *" fsdp "* ]] && launch "$HALF" "$RUNS/fsdp$NGPU" $((STEPS * (NGPU + HALF) * MB * BLOCK)) --parallel=fsdp --init_from=resume
 python - "$RUNS" "$STEPS" "$NGPU" <<'EOF'
 import json, os, statistics, sys
 runs, steps, ngpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -43,11 +46,12 @@ def rows(name):
 def speed(recs):  # median tokens/s of the logged intervals after the first 10 steps (compilation)
     return statistics.median([r["tokens_per_s"] for r in recs])
 table, base = [], None
-fsdp = rows(f"fsdp{ngpu}")
+fsdp = rows(f"fsdp{ngpu}") if os.path.exists(f"{runs}/fsdp{ngpu}/log.jsonl") else []
 names = [(name, n) for name, n in (("single", 1), ("ddp2", 2), ("ddp4", 4)) if os.path.exists(f"{runs}/{name}/log.jsonl")]
 runs_list = [(name, n, rows(name)) for name, n in names]
-runs_list += [(f"fsdp{ngpu}", ngpu, [r for r in fsdp if r["step"] <= steps]),
-              (f"fsdp{ngpu} resumed on {ngpu // 2}", ngpu // 2, [r for r in fsdp if r["step"] > steps])]
+if fsdp:
+    runs_list += [(f"fsdp{ngpu}", ngpu, [r for r in fsdp if r["step"] <= steps]),
+                  (f"fsdp{ngpu} resumed on {ngpu // 2}", ngpu // 2, [r for r in fsdp if r["step"] > steps])]
 for name, n, recs in runs_list:
     start = min(r["step"] for r in recs)
     timed = [r for r in recs if "tokens_per_s" in r and r["step"] >= start + 10]
@@ -59,7 +63,8 @@ for name, n, tok_s, eff, mem in table:
     print(f"{name:<28} {n:>4} {tok_s:>10,.0f} {100 * eff:>12.1f}% {mem:>9.1f}")
 before = [r for r in fsdp if r["step"] <= steps][-3:]
 after = [r for r in fsdp if r["step"] > steps][:3]
-print(f"resume {ngpu} -> {ngpu // 2} GPUs: loss of the last steps before:", [round(r["loss"], 4) for r in before],
+if fsdp:
+    print(f"resume {ngpu} -> {ngpu // 2} GPUs: loss of the last steps before:", [round(r["loss"], 4) for r in before],
       "first steps after:", [round(r["loss"], 4) for r in after], "steps", after[0]["step"] if after else None)
 json.dump({"table": table, "before": before, "after": after}, open(f"{runs}/multigpu.json", "w"), indent=1)
 EOF
