@@ -21,6 +21,6 @@ beta = 0.01
 eps_low = 0.2
 eps_high = 0.28  # DAPO clip-higher: low-probability answers can grow, against entropy collapse
 micro_batch = 64  # 256 ran a step 1.21x faster on an H200 with MedMCQA prompts (two-pass eager step; BENCHMARKS.md)
-compile = True  # compiled log-prob and update forwards: 1.73x per step with fused old log-probs, after ~2.5 min of compiling
+compile = True  # compiled log-prob and update forwards and prefill: 1.86x per step with fused old log-probs, after ~4 min of compiling
 max_steps = 3000  # ~48k rollouts; at ~1 step/s on one GPU this fits well inside 2 days with evaluations
 save_every = 100

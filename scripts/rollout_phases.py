@@ -1,0 +1,45 @@
+"""Where generate()'s time goes at GRPO's shape (medium-large, random weights, 1024 rows of 30-119-token prompts, 32
+new tokens, bf16 autocast): the eager prefill, the CUDA graph capture and the decoding steps, then a kernel profile
+of the prefill alone.    python scripts/rollout_phases.py"""
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+
+torch.manual_seed(0)
+m = M.GPT(M.make_config("medium-large")).cuda().eval()
+g = torch.Generator().manual_seed(0)
+B, new = 1024, 32
+lens = torch.randint(30, 120, (B,), generator=g).tolist()
+prompts = [torch.randint(0, 50000, (n,), generator=g).tolist() for n in lens]
+longest = max(lens)
+pad = torch.tensor([longest - len(p) for p in prompts])
+idx = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device="cuda")
+sync = torch.cuda.synchronize
+ac = torch.autocast("cuda", dtype=torch.bfloat16)
+for rep in range(3):
+    with torch.no_grad(), ac:
+        sync(); t0 = time.perf_counter()
+        m.generate(prompts, new, temperature=1.0)
+        sync(); t1 = time.perf_counter()
+        cache = M.KVCache(m.cfg, B, longest + new, pad, torch.bfloat16, "cuda")
+        sync(); t2 = time.perf_counter()
+        logits = m.logits(m.hidden(idx, cache)[:, -1])
+        sync(); t3 = time.perf_counter()
+        dec = m._decoder(cache, B, torch.device("cuda"))
+        sync(); t4 = time.perf_counter()
+        tok = logits.argmax(-1)
+        for _ in range(new - 1):
+            tok = dec(tok[:, None]).argmax(-1)
+        sync(); t5 = time.perf_counter()
+    print(f"rep {rep}: generate {t1 - t0:.3f} s | prefill {t3 - t2:.3f} s ({B} x {longest}, mean prompt {sum(lens) / B:.0f}) | "
+          f"capture {t4 - t3:.3f} s | {new - 1} decode steps {t5 - t4:.3f} s ({(t5 - t4) / (new - 1) * 1e3:.1f} ms each)", flush=True)
+with torch.no_grad(), ac, profile(activities=[ProfilerActivity.CUDA]) as prof:
+    m.logits(m.hidden(idx, M.KVCache(m.cfg, B, longest + new, pad, torch.bfloat16, "cuda"))[:, -1])
+    sync()
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
