@@ -454,8 +454,9 @@ def evaluate_generate(model, tok, examples, max_new_tokens=32, batch_size=64, au
             out, lens = model.generate(prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
         for e, row, n in zip(chunk, out.tolist(), lens.tolist()):
             text = decode(tok, row[:n])
-            correct.append(tasks.reward(e["task"], text, e))
-            parsable.append(tasks.is_parsable(e["task"], text, e))
+            r, ok = tasks.grade(e["task"], text, e)
+            correct.append(r)
+            parsable.append(ok)
             outputs.append(tasks.extract_answer(e["task"], text, e))
     res = tasks.summarize(correct, parsable)
     if examples and examples[0]["task"] in tasks.MCQ_TASKS:
@@ -707,7 +708,7 @@ if __name__ == "__main__":
         return out
 
     def reward_fn(text, ex):
-        return tasks.reward(ex["task"], text, ex), tasks.is_parsable(ex["task"], text, ex)
+        return tasks.grade(ex["task"], text, ex)
 
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # preemption / Ctrl-C: finish the step, checkpoint, exit 0

@@ -302,18 +302,23 @@ def extract_answer(task, completion, example):
     raise ValueError(f"unknown task {task!r}")
 
 
+def grade(task, completion, example):
+    """(reward, parsable) from one extraction: reward 1.0 if the completion's answer matches example['answer']
+    (numbers compared numerically), else 0.0; parsable: an answer was found at all."""
+    pred = extract_answer(task, completion, example)
+    if pred is None:
+        return 0.0, False
+    if (task or example["task"]) in MCQ_TASKS:
+        return float(pred == example["answer"]), True
+    return float(numbers_equal(pred, example["answer"])), True
+
+
 def is_parsable(task, completion, example):
-    return extract_answer(task, completion, example) is not None
+    return grade(task, completion, example)[1]
 
 
 def reward(task, completion, example):
-    """1.0 if the completion's answer matches example['answer'] (numbers compared numerically), else 0.0."""
-    pred = extract_answer(task, completion, example)
-    if pred is None:
-        return 0.0
-    if (task or example["task"]) in MCQ_TASKS:
-        return float(pred == example["answer"])
-    return float(numbers_equal(pred, example["answer"]))
+    return grade(task, completion, example)[0]
 
 
 def has_runaway_repetition(seq, max_period=32, min_repeats=3, min_span=12, ngram=16, max_ngram_count=3):
@@ -326,10 +331,12 @@ def has_runaway_repetition(seq, max_period=32, min_repeats=3, min_span=12, ngram
         return False
     ids = {t: i for i, t in enumerate(dict.fromkeys(toks))}
     a = np.array([ids[t] for t in toks])
-    for p in range(1, min(max_period, len(a) // min_repeats) + 1):
-        eq = np.concatenate(([0], (a[p:] == a[:-p]).astype(np.int8), [0]))
-        edges = np.flatnonzero(np.diff(eq))  # run starts and ends, alternating
-        if len(edges) and (edges[1::2] - edges[::2]).max() + p >= max(p * min_repeats, min_span):
+    n, P = len(a), min(max_period, len(a) // min_repeats)
+    if P >= 1:  # every period at once: eq[p-1, i] = (a[i + p] == a[i]); a run of r equal pairs is a unit repeated over r + p tokens
+        i, p = np.arange(n), np.arange(1, P + 1)
+        eq = (i + p[:, None] < n) & (a[np.minimum(i + p[:, None], n - 1)] == a)
+        run = i - np.maximum.accumulate(np.where(eq, -1, i), axis=1)  # length of the run of True ending at i
+        if (run.max(1) + p >= np.maximum(p * min_repeats, min_span)).any():
             return True
     if ngram and len(toks) >= ngram:
         counts = Counter(tuple(toks[i:i + ngram]) for i in range(len(toks) - ngram + 1))

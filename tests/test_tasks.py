@@ -121,6 +121,31 @@ def test_runaway_repetition():
     assert not has_runaway_repetition([])
 
 
+def test_runaway_repetition_matches_a_loop_over_periods():
+    """The all-periods-at-once numpy form against the rule written as plain loops, on random sequences of few distinct
+    tokens with repeated units spliced in (ngram rule off: only the periodic one differs in form)."""
+    def by_loops(a, max_period=32, min_repeats=3, min_span=12):
+        for p in range(1, min(max_period, len(a) // min_repeats) + 1):
+            run = 0
+            for i in range(len(a) - p):
+                run = run + 1 if a[i + p] == a[i] else 0
+                if run + p >= max(p * min_repeats, min_span):
+                    return True
+        return False
+    rng = random.Random(0)
+    flagged = 0
+    for _ in range(400):
+        seq = [rng.randrange(4) for _ in range(rng.randrange(1, 60))]
+        if rng.random() < 0.5:
+            unit = [rng.randrange(9) for _ in range(rng.randrange(1, 8))]
+            at = rng.randrange(len(seq))
+            seq[at:at] = unit * rng.randrange(1, 6)
+        expected = by_loops(seq)
+        flagged += expected
+        assert has_runaway_repetition(seq, ngram=0) == expected, seq
+    assert 50 < flagged < 350  # both outcomes well represented
+
+
 @needs_shared
 def test_runaway_repetition_rare_on_real_text():
     sols = [tasks.example_text(e) for e in load_task("gsm8k", os.path.join(SHARED, "gsm8k/train.jsonl"))]
