@@ -22,6 +22,7 @@ import model as M
 from model import GPT, make_config
 
 FP8_SKIP = frozenset(fp8.skip_fp8_shapes)  # the measured default; variant fp8_skip=0 puts every block layer in FP8
+SWITCHES = {"ATTENTION": M.ATTENTION, "PRECISION": M.PRECISION, "RESIDUAL": M.RESIDUAL}  # model.py's defaults
 
 PEAK_FLOPS = 989e12
 
@@ -155,7 +156,7 @@ def main(args):
     for text in [] if args.skip_train else args.variant or [""]:
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
-        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", "autocast")
+        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", SWITCHES["RESIDUAL"])
         fp8.skip_fp8_shapes = set(FP8_SKIP) if v.get("fp8_skip", 1) else set()
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
         cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
@@ -172,7 +173,8 @@ def main(args):
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
-    M.ATTENTION, M.PRECISION, M.RESIDUAL, fp8.skip_fp8_shapes = "sdpa", "bf16", "autocast", set(FP8_SKIP)
+    M.ATTENTION, M.PRECISION, M.RESIDUAL = SWITCHES.values()  # the baseline and decoding run on the defaults
+    fp8.skip_fp8_shapes = set(FP8_SKIP)
     if args.baseline:
         from transformers import Qwen3Config, Qwen3ForCausalLM
         kw = {k: v for k, v in M.hf_config_dict(meta_model.cfg).items() if k not in ("architectures", "model_type")}

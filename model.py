@@ -737,9 +737,8 @@ class GPT(nn.Module):
         if longest + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
                              f"of {self.cfg.block_size}; shorten the prompt or lower max_new_tokens")
-        pad = torch.tensor([longest - len(p) for p in prompts])
         fill = 0 if eos_id is None else eos_id
-        idx = torch.tensor([[fill] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        idx, pad = left_pad(prompts, fill, device)
         out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -811,6 +810,13 @@ class GPT(nn.Module):
         no_decay = [p for p in self.parameters() if id(p) not in matmul and p.requires_grad]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def left_pad(prompts, fill, device):
+    """Prompts (lists of ids) as one left-padded block, as generate() prefills it: (ids (B, longest), pad (B,) cpu)."""
+    longest = max(len(p) for p in prompts)
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    return torch.tensor([[fill] * (longest - len(p)) + list(p) for p in prompts], device=device), pad
 
 
 @functools.cache

@@ -43,10 +43,8 @@ with torch.autocast(dev, dtype=torch.bfloat16):
     M.DECODE_CUDA_GRAPH = False
     eager, _ = m.generate(prompts, 24, temperature=0)
     M.DECODE_CUDA_GRAPH = True
-    longest = max(map(len, prompts))  # the prefill of generate(compile_prefill=True), compiled vs eager
-    pad = torch.tensor([longest - len(p) for p in prompts])
-    idx = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=dev)
-    caches = [M.KVCache(m.cfg, len(prompts), longest + 8, pad, torch.bfloat16, dev) for _ in range(2)]
+    idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile_prefill=True), compiled vs eager
+    caches = [M.KVCache(m.cfg, len(prompts), idx.shape[1] + 8, pad, torch.bfloat16, dev) for _ in range(2)]
     with torch.no_grad():
         h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
 same = (graphed == eager).float().mean().item()

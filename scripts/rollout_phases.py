@@ -17,9 +17,8 @@ g = torch.Generator().manual_seed(0)
 B, new = 1024, 32
 lens = torch.randint(30, 120, (B,), generator=g).tolist()
 prompts = [torch.randint(0, 50000, (n,), generator=g).tolist() for n in lens]
-longest = max(lens)
-pad = torch.tensor([longest - len(p) for p in prompts])
-idx = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device="cuda")
+idx, pad = M.left_pad(prompts, 0, "cuda")
+longest = idx.shape[1]
 sync = torch.cuda.synchronize
 ac = torch.autocast("cuda", dtype=torch.bfloat16)
 for rep in range(3):
