@@ -745,8 +745,7 @@ class GPT(nn.Module):
         cache = KVCache(self.cfg, B, longest + max_new_tokens, pad, self._compute_dtype(), device) if use_cache else None
         seq = idx
         if cache is not None:
-            prefill = compiled_hidden() if compile_prefill else GPT.hidden
-            logits = self.logits(prefill(self, idx, cache)[:, -1])  # prefill: the whole prompt block at once
+            logits = self._prefill(idx, cache, compiled_hidden() if compile_prefill else GPT.hidden)
             decode = self._decoder(cache, B, device)
         for t in range(max_new_tokens):
             if cache is None:  # a full forward over the (left-padded) sequence each step; for tests and checks
@@ -765,6 +764,23 @@ class GPT(nn.Module):
             if cache is None:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
         return out, lengths
+
+    def _prefill(self, idx, cache, hidden):
+        """Logits after each row's prompt, its K/V written to the cache. Rows that repeat a prompt (GRPO samples G per
+        prompt) share one forward: only the distinct rows run, and their cache rows are copied to the repeats."""
+        rows, inv = torch.unique(torch.cat([idx, cache.pad[:, None]], 1), dim=0, return_inverse=True)
+        if len(rows) == len(idx):
+            return self.logits(hidden(self, idx, cache)[:, -1])
+        small = KVCache(self.cfg, len(rows), idx.shape[1], rows[:, -1], cache.k.dtype, idx.device)
+        h = hidden(self, rows[:, :-1], small)[:, -1]
+        n = idx.shape[1]
+        for layer in range(self.cfg.n_layer):  # a layer at a time: no second copy of the whole cache
+            cache.k[layer, :, :, :n].copy_(small.k[layer, inv])
+            cache.v[layer, :, :, :n].copy_(small.v[layer, inv])
+            if cache.ik is not None:
+                cache.ik[layer, :, :n].copy_(small.ik[layer, inv])
+        cache.advance(n)
+        return self.logits(h)[inv]
 
     def _decoder(self, cache, B, device):
         """One decoding step, token (B, 1) -> logits (B, V). On CUDA it is captured once as a CUDA graph and

@@ -150,7 +150,7 @@ def test_indexer_kl_gradient_equals_autograd(sparse):
 
 def test_generate_with_dsa_equals_the_no_cache_path(impl):
     m = tiny(dsa_top_k=3)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300], [3]]  # the repeat shares a prefill: its indexer keys are copied
     with_cache, _ = m.generate(prompts, 12, temperature=0)
     without, _ = m.generate(prompts, 12, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)

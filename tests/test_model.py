@@ -281,3 +281,17 @@ def test_compiled_prefill_gives_the_eager_tokens():
         eager, n_eager = m.generate(prompts, 6, temperature=0)
         compiled, n_compiled = m.generate(prompts, 6, temperature=0, compile_prefill=True)
         assert torch.equal(eager, compiled) and torch.equal(n_eager, n_compiled)
+
+
+def test_repeated_prompts_share_one_prefill(monkeypatch):
+    """GRPO's G samples of a prompt: generate() prefills each distinct (prompt, padding) once and copies its K/V to
+    the repeats; greedy tokens equal those of the prompts generated once each."""
+    m = tiny()
+    prompts = [[1, 2, 3, 4, 5], [0, 7], [7], [1, 2, 3, 4, 5], [0, 7], [0, 7]]  # [0, 7] and [7] pad to the same ids
+    once, n_once = m.generate(prompts[:3], 6, temperature=0, eos_id=0)
+    rows = []
+    real = M.GPT.hidden
+    monkeypatch.setattr(M.GPT, "hidden", lambda self, idx, cache=None, **kw: rows.append(idx.shape[0]) or real(self, idx, cache, **kw))
+    shared, n_shared = m.generate(prompts, 6, temperature=0, eos_id=0)
+    assert rows[0] == 3  # the prefill ran the three distinct rows, then decoding steps all six
+    assert torch.equal(shared, once[[0, 1, 2, 0, 1, 1]]) and torch.equal(n_shared, n_once[[0, 1, 2, 0, 1, 1]])
