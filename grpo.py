@@ -84,6 +84,7 @@ drop_degenerate = False  # leave out samples with no parsable answer or runaway 
 updates_per_batch = 1  # mu: optimizer steps on each rollout batch (> 1 makes the ratio and the clipping matter)
 micro_batch = 32  # sequences per forward/backward; the loss is summed over the step's tokens, so any size gives the same gradient
 logprob_chunk_rows = 4096  # completion tokens whose float32 logits exist at once (4096 x 50304 x 4 B = 0.8 GB), never B x T x V
+share_prompts = 512  # a prompt's samples share rows of up to this many tokens (the prompt once, then their completions); 0 = a row per sample
 fuse_old_logprobs = True  # updates_per_batch 1, untruncated, no dropout: old log-probs = the update's own, detached (one forward fewer)
 # optimizer
 lr = 1e-5
@@ -110,19 +111,47 @@ _DEFAULTS = {k: v for k, v in dict(globals()).items()
 
 
 # ---- log-probs of completions ---------------------------------------------------------------------
-def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None):
-    """Right-padded rows prompt + completion -> (seqs (B, T), prompt_lens (B,), comp_lens (B,)).
-    Row b starts at position 0 like generate()'s row b (which left-pads), so RoPE positions agree. T is the longest
-    row rounded up to `multiple`, within max_len: fewer shapes for torch.compile, and causal attention makes the
-    extra right padding change no log-prob of a real token."""
-    plen = [len(p) for p in prompts]
-    clen = [len(c) for c in completions]
-    T = max(a + b for a, b in zip(plen, clen))
+def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, share=0):
+    """Samples (prompt, completion) -> a batch for completion_logprobs, a dict:
+    seqs (R, T) right-padded rows; clen (S,) completion lengths; src and tgt (N,) indexes into seqs.view(-1) of the
+    position whose output predicts each completion token and of that token (N = sum clen, sample by sample);
+    layout: None (causal rows) or (mask (R, 1, T, T), positions (R, T)) for GPT.hidden.
+    share=0: row s = prompt s + completion s, from position 0 like generate()'s row s (which left-pads), so RoPE
+    positions agree; T is the longest row rounded up to `multiple`, within max_len (fewer shapes for torch.compile;
+    causal attention makes right padding change no log-prob).
+    share=n: samples with equal prompts share rows of at most n tokens: the prompt once, then completion after
+    completion, each at the positions right after the prompt and seeing only the prompt and itself. GRPO's G samples
+    of a prompt then cost its prompt tokens once, not G times."""
+    groups = {}  # prompt -> rows of that prompt, each a list of sample indexes
+    for s, (p, c) in enumerate(zip(prompts, completions)):
+        rows = groups.setdefault(tuple(p), [[]])
+        used = len(p) + sum(len(completions[i]) for i in rows[-1])
+        if not share or (rows[-1] and used + len(c) > share):
+            rows.append([])
+        rows[-1].append(s)
+    rows = [(p, r) for p, rs in groups.items() for r in rs if r]
+    T = max(len(p) + sum(len(completions[i]) for i in r) for p, r in rows)
     T = max(T, min(-(-T // multiple) * multiple, max_len or math.inf))
-    seqs = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        seqs[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-    return seqs.to(device), torch.tensor(plen, device=device), torch.tensor(clen, device=device)
+    seqs = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    seg = torch.full((len(rows), T), -1, dtype=torch.long)  # 0 = prompt, k = the row's k-th completion, -1 = padding
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    src, tgt = [None] * len(prompts), [None] * len(prompts)
+    for r, (p, samples) in enumerate(rows):
+        P, o = len(p), len(p)
+        seqs[r, :P], seg[r, :P], pos[r, :P] = torch.tensor(p), 0, torch.arange(P)
+        for k, i in enumerate(samples, 1):
+            c = completions[i]
+            seqs[r, o:o + len(c)], seg[r, o:o + len(c)], pos[r, o:o + len(c)] = torch.tensor(c, dtype=torch.long), k, torch.arange(P, P + len(c))
+            tgt[i] = r * T + o + torch.arange(len(c))
+            src[i] = torch.cat([torch.tensor([r * T + P - 1]), tgt[i][:-1]])  # token 0 from the prompt's last position
+            o += len(c)
+    layout = None
+    if any(len(r) > 1 for _, r in rows):
+        j = torch.arange(T)
+        mask = (j[None, None, :] <= j[None, :, None]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+        layout = (mask[:, None].to(device), pos.to(device))
+    return {"seqs": seqs.to(device), "layout": layout, "src": torch.cat(src).to(device), "tgt": torch.cat(tgt).to(device),
+            "clen": torch.tensor([len(c) for c in completions], device=device)}
 
 
 def pack_bits(mask):
@@ -160,22 +189,19 @@ def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, ext
     return logp, entropy, (pack_bits(kept) if kept is not None else None)
 
 
-def completion_logprobs(model, seqs, prompt_lens, comp_lens, temperature=1.0, top_k=0, top_p=1.0, kept_bits=None,
-                        extras=False, chunk_rows=4096, compiled=False):
-    """Log-probs of each row's completion tokens, (B, L) with L = max completion length, and the mask (B, L) of real
-    completion tokens (from the lengths). Only completion positions reach the head, `chunk_rows` at a time, each
+def completion_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0, kept_bits=None, extras=False,
+                        chunk_rows=4096, compiled=False):
+    """Log-probs of each sample's completion tokens, (S, L) with L = max completion length, and the mask (S, L) of real
+    completion tokens, for a pack_rows batch. Only completion positions reach the head, `chunk_rows` at a time, each
     chunk recomputed in backward (torch.utils.checkpoint) so no float32 B x T x V ever exists.
-    extras: also per-token entropy (B, L) and the kept-token bits (N, V/8) in mask order, or None; both without grad.
+    extras: also per-token entropy (S, L) and the kept-token bits (N, V/8) in mask order, or None; both without grad.
     compiled: the transformer through model.compiled_hidden()."""
-    B, T = seqs.shape
-    L = int(comp_lens.max())
-    j = torch.arange(L, device=seqs.device)
-    mask = j[None, :] < comp_lens[:, None]
-    pos = (prompt_lens[:, None] - 1 + j[None, :]).clamp(max=T - 2)  # the position whose output predicts token j
-    rows = torch.arange(B, device=seqs.device)[:, None].expand(B, L)
-    h = M.compiled_hidden()(model, seqs) if compiled else model.hidden(seqs)
-    h = h[rows[mask], pos[mask]]
-    targets = seqs[rows[mask], pos[mask] + 1]
+    seqs, clen = batch["seqs"], batch["clen"]
+    mask = torch.arange(int(clen.max()), device=seqs.device)[None, :] < clen[:, None]
+    layout = batch["layout"]
+    h = M.compiled_hidden()(model, seqs, layout=layout) if compiled else model.hidden(seqs, layout=layout)
+    h = h.reshape(-1, h.shape[-1])[batch["src"]]
+    targets = seqs.reshape(-1)[batch["tgt"]]
     logps, ents, kepts = [], [], []
     for i in range(0, len(targets), chunk_rows):
         args = (model, h[i:i + chunk_rows], targets[i:i + chunk_rows],
@@ -186,7 +212,7 @@ def completion_logprobs(model, seqs, prompt_lens, comp_lens, temperature=1.0, to
             ents.append(ent)
             kepts.append(kept)
         logps.append(out)
-    logp = torch.zeros(B, L, dtype=torch.float32, device=seqs.device)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=seqs.device)
     logp = logp.masked_scatter(mask, torch.cat(logps))
     if not extras:
         return logp, mask
@@ -316,7 +342,7 @@ def fuses_old_logprobs(policy, cfg):
 
 @torch.no_grad()
 def prepare_microbatches(policy, ref, prompts, completions, adv, cfg, device, autocast=nullcontext()):
-    """Micro-batches (sequences sorted by length: less padding) with the old and reference log-probs, computed by the
+    """Micro-batches (pack_rows batches of cfg["micro_batch"] samples) with the old and reference log-probs, computed by the
     same function, in the same micro-batches and eval mode as training will use: the first update's ratio is exactly 1
     (eager; compiled, the no-grad and training graphs round differently: mean |log ratio| 4e-3, bf16, medium-large, H200).
     -> (micro-batches, entropy summed over their tokens). When fuses_old_logprobs, no policy forward runs here: "old"
@@ -324,25 +350,27 @@ def prepare_microbatches(policy, ref, prompts, completions, adv, cfg, device, au
     tk, tp = training_truncation(cfg)
     fuse = fuses_old_logprobs(policy, cfg)
     pad = 16 if cfg["compile"] else 1  # fewer distinct shapes to compile (dynamic=True covers the rest): ~87-token rows waste <= 15 tokens, not 41
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
+    share = 0 if policy.cfg.dsa_top_k else cfg["share_prompts"]  # DSA layers take no packed layout
+    if share:  # a prompt's samples together (shortest prompts first): they share rows
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i], len(completions[i])))
+    else:  # similar lengths together: less padding
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
     policy.eval()
     mbs, ent_sum = [], 0.0
     for s in range(0, len(order), cfg["micro_batch"]):
         ids = order[s:s + cfg["micro_batch"]]
-        seqs, plen, clen = pack_rows([prompts[i] for i in ids], [completions[i] for i in ids], device, multiple=pad,
-                                     max_len=policy.cfg.block_size)
+        batch = pack_rows([prompts[i] for i in ids], [completions[i] for i in ids], device, multiple=pad,
+                          max_len=policy.cfg.block_size, share=share)
         old = kept = ref_lp = None
         with autocast:
             if not fuse:
-                old, mask, ent, kept = completion_logprobs(policy, seqs, plen, clen, cfg["temperature"], tk, tp,
-                                                           extras=True, chunk_rows=cfg["logprob_chunk_rows"],
-                                                           compiled=cfg["compile"])
+                old, mask, ent, kept = completion_logprobs(policy, batch, cfg["temperature"], tk, tp, extras=True,
+                                                           chunk_rows=cfg["logprob_chunk_rows"], compiled=cfg["compile"])
                 ent_sum += float((ent * mask).sum())
             if ref is not None and cfg["beta"] > 0:  # the reference over the same kept sets: KL between like supports
-                ref_lp, _ = completion_logprobs(ref, seqs, plen, clen, cfg["temperature"], tk, tp, kept_bits=kept,
+                ref_lp, _ = completion_logprobs(ref, batch, cfg["temperature"], tk, tp, kept_bits=kept,
                                                 chunk_rows=cfg["logprob_chunk_rows"], compiled=cfg["compile"])
-        mbs.append({"seqs": seqs, "plen": plen, "clen": clen, "old": old, "ref": ref_lp, "kept": kept,
-                    "adv": adv[ids].to(device)})
+        mbs.append({"batch": batch, "old": old, "ref": ref_lp, "kept": kept, "adv": adv[ids].to(device)})
     return mbs, ent_sum
 
 
@@ -355,7 +383,7 @@ def backward_on_batch(policy, mbs, n_tokens, cfg, autocast=nullcontext()):
     for mb in mbs:
         fused = mb["old"] is None
         with autocast:
-            out = completion_logprobs(policy, mb["seqs"], mb["plen"], mb["clen"], cfg["temperature"], tk, tp,
+            out = completion_logprobs(policy, mb["batch"], cfg["temperature"], tk, tp,
                                       kept_bits=mb["kept"], extras=fused, chunk_rows=cfg["logprob_chunk_rows"],
                                       compiled=cfg["compile"])
         logp, mask = out[:2]
@@ -480,9 +508,9 @@ def evaluate_loglik(model, tok, examples, batch_size=64, autocast=nullcontext())
     device = model.rope_cos.device
     for s in range(0, len(order), batch_size):
         ids = order[s:s + batch_size]
-        seqs, plen, clen = pack_rows([rows[i][2] for i in ids], [rows[i][3] for i in ids], device)
-        with autocast:
-            logp, mask = completion_logprobs(model, seqs, plen, clen)
+        batch = pack_rows([rows[i][2] for i in ids], [rows[i][3] for i in ids], device, share=model.cfg.block_size)
+        with autocast:  # an example's options share one row: its context runs once
+            logp, mask = completion_logprobs(model, batch)
         for i, v in zip(ids, (logp * mask).sum(1).tolist()):
             scores[i] = v
     best = {}

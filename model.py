@@ -639,18 +639,26 @@ class GPT(nn.Module):
     def head_weight(self):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, idx, cache=None, indexer_loss=False):
+    def hidden(self, idx, cache=None, indexer_loss=False, layout=None):
         """Final-norm hidden states (B, T, d) and, for the head, their projection when embeddings are factorized.
-        indexer_loss: DSA layers also compute their indexer's KL loss (GPT.losses collects it)."""
+        indexer_loss: DSA layers also compute their indexer's KL loss (GPT.losses collects it).
+        layout: (mask (B, 1, T, T) bool, positions (B, T)) of rows packed by the caller (GRPO: one prompt, then each of
+        its completions at the positions after it, seeing the prompt and itself); None = causal rows from position 0."""
         B, T = idx.shape
-        if cache is None:
-            if T > self.cfg.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.block_size})")
-            cos, sin, mask = self.rope_cos[None, :T, None], self.rope_sin[None, :T, None], None
-        else:
+        mask = None
+        if cache is not None:
             if cache.length + T > self.cfg.block_size:
                 raise ValueError(f"generation would pass the model's context ({self.cfg.block_size} tokens)")
             mask, positions = cache.mask_and_positions(T)
+        elif layout is not None:
+            if self.cfg.dsa_top_k:
+                raise ValueError("DSA layers take causal rows or a KV cache, not a packed layout")
+            mask, positions = layout
+        elif T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.block_size})")
+        if mask is None:
+            cos, sin = self.rope_cos[None, :T, None], self.rope_sin[None, :T, None]
+        else:
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
         irope = None
         if self.cfg.dsa_top_k:  # the indexer's RoPE tables at the same positions
@@ -666,7 +674,7 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, None, i, None, irope, indexer_loss, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, i, mask, irope, indexer_loss, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, i, mask, irope, indexer_loss)
         if cache is not None:

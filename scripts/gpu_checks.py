@@ -6,13 +6,17 @@
 4. decoding's attention (decode_attend) equals SDPA's memory-efficient kernel, and cached greedy decoding gives
    the tokens of full forwards without a cache;
 5. where flash-attn is installed: ATTENTION="flash" gives SDPA's outputs and gradients at head_dim 72 with GQA, and
-   the compiled model's gradients under it equal SDPA's."""
+   the compiled model's gradients under it equal SDPA's;
+6. GRPO's shared-prompt rows (grpo.pack_rows share=512: a prompt once, its completions after it under a mask) give the
+   log-probs and gradients of a row per sample, eager and compiled; repeated prompts in generate() (one shared prefill)
+   decode the tokens of the prompts given once."""
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo  # noqa: E402
 import model as M  # noqa: E402
 
 torch.manual_seed(0)
@@ -91,5 +95,26 @@ else:
     print(f"5. flash-attn vs SDPA: relative difference out {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, dv {errs[3]:.1e}; "
           f"compiled model with flash vs eager SDPA: loss {lf:.5f} / {l0:.5f}, gradient relative difference {relf:.2e}")
     ok &= max(errs) < 2e-2 and relf < 0.05
+g = torch.Generator().manual_seed(1)
+rows = [p for p in (torch.randint(0, 50000, (n,), generator=g).tolist() for n in (40, 90, 17)) for _ in range(4)]
+comps = [torch.randint(0, 50000, (int(n),), generator=g).tolist() for n in torch.randint(1, 33, (12,), generator=g)]
+res = {}
+for share in (0, 512):
+    for compiled in (False, True):
+        batch = grpo.pack_rows(rows, comps, dev, multiple=16, share=share)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            lp, mask = grpo.completion_logprobs(m, batch, compiled=compiled)
+        lp[mask].sum().backward()
+        res[share, compiled] = (lp.detach()[mask], torch.cat([p.grad.flatten().float() for p in m.parameters()]))
+        m.zero_grad(set_to_none=True)
+rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+errs = {key: (rel(lp, res[0, False][0]), rel(gr, res[0, False][1])) for key, (lp, gr) in res.items() if key != (0, False)}
+with torch.autocast(dev, dtype=torch.bfloat16):
+    twice, _ = m.generate(prompts + prompts[::-1], 24, temperature=0)
+same = (torch.cat([twice[:4], twice[4:].flip(0)]) == torch.cat([graphed, graphed])).float().mean().item()
+print("6. shared-prompt rows vs a row per sample (eager), relative difference of log-probs / gradients: "
+      + ", ".join(f"share {s} {'compiled' if c else 'eager'} {a:.1e} / {b:.1e}" for (s, c), (a, b) in errs.items())
+      + f"; repeated prompts in generate(): {100 * same:.1f}% of greedy tokens equal")
+ok &= max(max(e) for e in errs.values()) < 0.05 and same > 0.75  # batch 8 vs 4: near-ties may flip; wrong cache rows give ~0%
 print("GPU checks passed" if ok else "GPU CHECKS FAILED")
 sys.exit(0 if ok else 1)

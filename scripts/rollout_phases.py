@@ -1,6 +1,8 @@
 """Where generate()'s time goes at GRPO's shape (medium-large, random weights, 1024 rows of 30-119-token prompts, 32
 new tokens, bf16 autocast): the eager prefill, the CUDA graph capture and the decoding steps, then a kernel profile
-of the prefill alone.    python scripts/rollout_phases.py"""
+of the prefill alone (PROFILE=0 skips it); last, generate() with compile_prefill=True as GRPO calls it, for 64 prompts x
+16 samples (repeated rows share one prefill) against 1024 distinct prompts of the same lengths (every row prefilled).
+    python scripts/rollout_phases.py"""
 import os
 import sys
 import time
@@ -38,7 +40,21 @@ for rep in range(3):
         sync(); t5 = time.perf_counter()
     print(f"rep {rep}: generate {t1 - t0:.3f} s | prefill {t3 - t2:.3f} s ({B} x {longest}, mean prompt {sum(lens) / B:.0f}) | "
           f"capture {t4 - t3:.3f} s | {new - 1} decode steps {t5 - t4:.3f} s ({(t5 - t4) / (new - 1) * 1e3:.1f} ms each)", flush=True)
-with torch.no_grad(), ac, profile(activities=[ProfilerActivity.CUDA]) as prof:
-    m.logits(m.hidden(idx, M.KVCache(m.cfg, B, longest + new, pad, torch.bfloat16, "cuda"))[:, -1])
-    sync()
-print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
+if os.environ.get("PROFILE", "1") != "0":
+    with torch.no_grad(), ac, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        m.logits(m.hidden(idx, M.KVCache(m.cfg, B, longest + new, pad, torch.bfloat16, "cuda"))[:, -1])
+        sync()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
+shared = [p for p in prompts[:B // 16] for _ in range(16)]
+distinct = [torch.randint(0, 50000, (len(p),), generator=g).tolist() for p in shared]
+times = {}
+for rep in range(4):  # rep 0 compiles the prefill for each block shape
+    for name, ps in (("64 prompts x 16 samples", shared), ("1024 distinct prompts", distinct)):
+        with torch.no_grad(), ac:
+            sync(); t0 = time.perf_counter()
+            m.generate(ps, new, temperature=1.0, compile_prefill=True)
+            sync()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+for name, t in times.items():
+    print(f"generate(compile_prefill=True), {name}: {sorted(t[1:])[1]:.3f} s (median of 3 after a compiling call)")
+print(f"shared prefill: {sorted(times['1024 distinct prompts'][1:])[1] / sorted(times['64 prompts x 16 samples'][1:])[1]:.2f}x")

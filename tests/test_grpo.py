@@ -125,8 +125,7 @@ def test_completion_logprobs_follow_positions_not_token_values():
     m = tiny_model()
     prompts = [[5, 6, 7, 8, 9], [3], [0, 0, 2]]
     comps = [[0, 0, 1], [4, 0, 0, 0, 7], [0]]  # zeros everywhere: the pad value and (say) EOS are ordinary tokens
-    seqs, plen, clen = grpo.pack_rows(prompts, comps, CPU, pad_id=0)
-    logp, mask = grpo.completion_logprobs(m, seqs, plen, clen, temperature=0.7, chunk_rows=3)
+    logp, mask = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU, pad_id=0), temperature=0.7, chunk_rows=3)
     assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
     for b, (p, c) in enumerate(zip(prompts, comps)):  # each row alone, unpadded
         lp = torch.log_softmax(m(torch.tensor([p + c]))[0] / 0.7, -1)
@@ -141,8 +140,7 @@ def test_greedy_rollout_tokens_are_the_trainers_argmax():
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14]]
     out, lens = m.generate(prompts, 6, temperature=0)
     comps = [out[b, :lens[b]].tolist() for b in range(3)]
-    seqs, plen, clen = grpo.pack_rows(prompts, comps, CPU)
-    logp, mask, ent, kept = grpo.completion_logprobs(m, seqs, plen, clen, temperature=1.0, top_k=1, extras=True)
+    logp, mask, ent, kept = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU), temperature=1.0, top_k=1, extras=True)
     assert torch.equal(logp[mask], torch.zeros(int(mask.sum())))  # top-1 kept set = the greedy token, prob 1
     assert torch.equal(ent[mask], torch.zeros(int(mask.sum())))
     assert (grpo.unpack_bits(kept, 40).sum(1) == 1).all()
@@ -177,7 +175,7 @@ def test_ratio_is_exactly_one_on_the_first_update(top_k, top_p, ckpt_act):
     m.train()
     for mb in mbs:  # same code, same micro-batches, dropout-free: the new log-probs are the old ones, bit for bit
         tk, tp = grpo.training_truncation(c)
-        logp, mask = grpo.completion_logprobs(m, mb["seqs"], mb["plen"], mb["clen"], c["temperature"], tk, tp,
+        logp, mask = grpo.completion_logprobs(m, mb["batch"], c["temperature"], tk, tp,
                                               kept_bits=mb["kept"], chunk_rows=c["logprob_chunk_rows"])
         assert logp.requires_grad
         assert torch.equal(logp.detach()[mask], mb["old"][mask])
@@ -193,7 +191,7 @@ def test_keep_sampling_mask_renormalises_over_the_kept_set():
     mbs, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c, CPU)
     mb = mbs[0]
     assert (grpo.unpack_bits(mb["kept"], 40).sum(1) == 3).all()  # every sampled step kept exactly top-3
-    full, mask = grpo.completion_logprobs(m, mb["seqs"], mb["plen"], mb["clen"], 1.0)
+    full, mask = grpo.completion_logprobs(m, mb["batch"], 1.0)
     assert (mb["old"][mask] > full[mask]).all()  # renormalised over 3 tokens: more probable than under the full softmax
     c2 = cfg(**{**c, "keep_sampling_mask": False})  # the other choice: full-softmax log-probs, said in the config
     mbs2, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c2, CPU)
@@ -291,12 +289,13 @@ def test_fused_old_logprobs_only_where_they_are_the_old_policys():
 def test_right_padding_changes_no_logprob():
     m = tiny_model()
     prompts, comps = [[5, 6, 7, 8, 9], [3], [1, 2]], [[0, 0, 1], [4, 0, 0, 0, 7], [2]]
-    seqs, plen, clen = grpo.pack_rows(prompts, comps, CPU)
+    plain = grpo.pack_rows(prompts, comps, CPU)
     padded = grpo.pack_rows(prompts, comps, CPU, multiple=64, max_len=256)
-    assert seqs.shape[1] == 8 and padded[0].shape[1] == 64 and torch.equal(padded[0][:, :8], seqs)
-    assert grpo.pack_rows(prompts, comps, CPU, multiple=64, max_len=20)[0].shape[1] == 20  # never past the context
-    a, mask = grpo.completion_logprobs(m, seqs, plen, clen, 0.8)
-    b, mask_b = grpo.completion_logprobs(m, *padded, 0.8)
+    seqs = plain["seqs"]
+    assert seqs.shape[1] == 8 and padded["seqs"].shape[1] == 64 and torch.equal(padded["seqs"][:, :8], seqs)
+    assert grpo.pack_rows(prompts, comps, CPU, multiple=64, max_len=20)["seqs"].shape[1] == 20  # never past the context
+    a, mask = grpo.completion_logprobs(m, plain, 0.8)
+    b, mask_b = grpo.completion_logprobs(m, padded, 0.8)
     assert torch.equal(mask, mask_b) and torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
@@ -306,7 +305,7 @@ def test_compiled_forward_matches_eager():
     c = cfg(samples_per_prompt=4, max_new_tokens=8, beta=0.05, micro_batch=8, fuse_old_logprobs=False)
     out = two_ways(c, "compile", (False, True), n_layer=1)  # one block: half the tracing
     (mbs_e, st_e, g_e, _), (mbs_c, st_c, g_c, _) = out[False], out[True]
-    assert mbs_c[0]["seqs"].shape[1] % 16 == 0 and mbs_e[0]["seqs"].shape[1] % 16 != 0
+    assert mbs_c[0]["batch"]["seqs"].shape[1] % 16 == 0 and mbs_e[0]["batch"]["seqs"].shape[1] % 16 != 0
     for a, b in zip(mbs_e, mbs_c):
         assert torch.allclose(a["old"], b["old"], atol=1e-5) and torch.allclose(a["ref"], b["ref"], atol=1e-5)
     for k in st_e:
@@ -415,3 +414,38 @@ def test_eval_only_and_config_errors(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
                           "--temperture=1.0"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown key 'temperture'" in bad.stderr + bad.stdout
+
+
+def test_shared_prompt_rows_equal_a_row_per_sample():
+    """share_prompts: a prompt's samples in one row (the prompt once, each completion after it at the same positions,
+    seeing the prompt and itself) give every sample's log-probs and entropies, and the step's stats and gradients, of
+    a row per sample."""
+    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=0.9, beta=0.05, micro_batch=7, fuse_old_logprobs=False)
+    out = two_ways(c, "share_prompts", (0, 512, 20))  # 20: rows of at most 20 tokens, so a prompt spans several rows
+    rows = {v: sum(len(mb["batch"]["seqs"]) for mb in out[v][0]) for v in out}
+    assert rows[512] < rows[20] < rows[0] == 16 and out[0][0][0]["batch"]["layout"] is None
+    for v in (512, 20):
+        for k in out[0][1]:
+            assert math.isclose(out[0][1][k], out[v][1][k], rel_tol=1e-5, abs_tol=1e-7), (v, k)
+        for a, b in zip(out[0][2], out[v][2]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    m = tiny_model()
+    prompts, comps = [[1, 2, 3], [4], [1, 2, 3], [4], [1, 2, 3]], [[5, 6], [7, 8, 9], [10], [11, 12, 13, 14], [15, 16, 17]]
+    lp0, mask0, ent0, _ = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU), 0.9, extras=True)
+    shared = grpo.pack_rows(prompts, comps, CPU, share=64)
+    assert len(shared["seqs"]) == 2
+    lp, mask, ent, _ = grpo.completion_logprobs(m, shared, 0.9, extras=True)
+    assert torch.equal(mask, mask0) and torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(ent, ent0, atol=1e-5)
+
+
+def test_pack_rows_shares_a_prompt_within_the_row_limit():
+    prompts = [[1, 2], [3], [1, 2], [1, 2]]
+    comps = [[5, 6, 7], [8], [9], [10, 11]]
+    b = grpo.pack_rows(prompts, comps, CPU, share=6)  # [1 2 5 6 7 9], [1 2 10 11], [3 8]
+    assert b["seqs"].tolist() == [[1, 2, 5, 6, 7, 9], [1, 2, 10, 11, 0, 0], [3, 8, 0, 0, 0, 0]]
+    mask, pos = b["layout"]
+    assert pos[0].tolist() == [0, 1, 2, 3, 4, 2]  # the second completion starts right after the prompt again
+    assert mask[0, 0, 5].tolist() == [True, True, False, False, False, True]  # it sees the prompt and itself
+    flat = b["seqs"].view(-1)
+    assert flat[b["tgt"]].tolist() == [5, 6, 7, 8, 9, 10, 11]  # sample by sample, in the caller's order
+    assert b["src"].tolist() == [1, 2, 3, 12, 1, 7, 8]  # token 0 of each completion from its prompt's last position
