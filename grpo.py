@@ -84,7 +84,7 @@ drop_degenerate = False  # leave out samples with no parsable answer or runaway 
 updates_per_batch = 1  # mu: optimizer steps on each rollout batch (> 1 makes the ratio and the clipping matter)
 micro_batch = 32  # sequences per forward/backward; the loss is summed over the step's tokens, so any size gives the same gradient
 logprob_chunk_rows = 4096  # completion tokens whose float32 logits exist at once (4096 x 50304 x 4 B = 0.8 GB), never B x T x V
-share_prompts = 512  # a prompt's samples share rows of up to this many tokens (the prompt once, then their completions); 0 = a row per sample
+share_prompts = 1024  # a prompt's samples share rows of ~this many tokens (the prompt once, then their completions); 0 = a row per sample
 fuse_old_logprobs = True  # updates_per_batch 1, untruncated, no dropout: old log-probs = the update's own, detached (one forward fewer)
 # optimizer
 lr = 1e-5
@@ -119,17 +119,18 @@ def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, 
     share=0: row s = prompt s + completion s, from position 0 like generate()'s row s (which left-pads), so RoPE
     positions agree; T is the longest row rounded up to `multiple`, within max_len (fewer shapes for torch.compile;
     causal attention makes right padding change no log-prob).
-    share=n: samples with equal prompts share rows of at most n tokens: the prompt once, then completion after
-    completion, each at the positions right after the prompt and seeing only the prompt and itself. GRPO's G samples
-    of a prompt then cost its prompt tokens once, not G times."""
-    groups = {}  # prompt -> rows of that prompt, each a list of sample indexes
-    for s, (p, c) in enumerate(zip(prompts, completions)):
-        rows = groups.setdefault(tuple(p), [[]])
-        used = len(p) + sum(len(completions[i]) for i in rows[-1])
-        if not share or (rows[-1] and used + len(c) > share):
-            rows.append([])
-        rows[-1].append(s)
-    rows = [(p, r) for p, rs in groups.items() for r in rs if r]
+    share=n: samples with equal prompts share rows of about n tokens (a group longer than that splits into rows of
+    equal sample counts): the prompt once, then completion after completion, each at the positions right after the
+    prompt and seeing only the prompt and itself. GRPO's G samples of a prompt then cost its prompt tokens once, not G
+    times."""
+    groups = {}  # prompt (without sharing: the sample) -> its samples' indexes
+    for s, p in enumerate(prompts):
+        groups.setdefault(tuple(p) if share else s, []).append(s)
+    rows = []  # (prompt, samples in the row): a group over `share` tokens splits into rows of equal sample counts
+    for ss in groups.values():
+        P = len(prompts[ss[0]])
+        k = 1 if not share else min(len(ss), max(1, math.ceil(sum(len(completions[i]) for i in ss) / max(share - P, 1))))
+        rows += [(prompts[ss[0]], ss[j * len(ss) // k:(j + 1) * len(ss) // k]) for j in range(k)]
     T = max(len(p) + sum(len(completions[i]) for i in r) for p, r in rows)
     T = max(T, min(-(-T // multiple) * multiple, max_len or math.inf))
     seqs = torch.full((len(rows), T), pad_id, dtype=torch.long)

@@ -441,11 +441,12 @@ def test_shared_prompt_rows_equal_a_row_per_sample():
 def test_pack_rows_shares_a_prompt_within_the_row_limit():
     prompts = [[1, 2], [3], [1, 2], [1, 2]]
     comps = [[5, 6, 7], [8], [9], [10, 11]]
-    b = grpo.pack_rows(prompts, comps, CPU, share=6)  # [1 2 5 6 7 9], [1 2 10 11], [3 8]
-    assert b["seqs"].tolist() == [[1, 2, 5, 6, 7, 9], [1, 2, 10, 11, 0, 0], [3, 8, 0, 0, 0, 0]]
+    b = grpo.pack_rows(prompts, comps, CPU, share=6)  # 2 + 6 tokens > 6: two rows of [1, 2], samples split 1 + 2
+    assert b["seqs"].tolist() == [[1, 2, 5, 6, 7], [1, 2, 9, 10, 11], [3, 8, 0, 0, 0]]
     mask, pos = b["layout"]
-    assert pos[0].tolist() == [0, 1, 2, 3, 4, 2]  # the second completion starts right after the prompt again
-    assert mask[0, 0, 5].tolist() == [True, True, False, False, False, True]  # it sees the prompt and itself
+    assert pos[1].tolist() == [0, 1, 2, 2, 3]  # the second completion starts right after the prompt again
+    assert mask[1, 0, 3].tolist() == [True, True, False, True, False]  # it sees the prompt and itself
     flat = b["seqs"].view(-1)
     assert flat[b["tgt"]].tolist() == [5, 6, 7, 8, 9, 10, 11]  # sample by sample, in the caller's order
-    assert b["src"].tolist() == [1, 2, 3, 12, 1, 7, 8]  # token 0 of each completion from its prompt's last position
+    assert b["src"].tolist() == [1, 2, 3, 10, 6, 6, 8]  # token 0 of each completion from its prompt's last position
+    assert grpo.pack_rows(prompts, comps, CPU, share=64)["seqs"].shape == (2, 8)  # under the limit: one row per prompt
