@@ -2,7 +2,9 @@
 new tokens, bf16 autocast): the eager prefill, the CUDA graph capture and the decoding steps, then a kernel profile
 of the prefill alone (PROFILE=0 skips it); last, generate() with compile_prefill=True as GRPO calls it, for 64 prompts x
 16 samples (repeated rows share one prefill) against 1024 distinct prompts of the same lengths (every row prefilled).
-    python scripts/rollout_phases.py"""
+    python scripts/rollout_phases.py
+`python scripts/rollout_phases.py decode` times only a decoding step's parts at this shape: the CUDA graph replay, the
+sampling of the next token, and the kernels of one eager step."""
 import os
 import sys
 import time
@@ -23,6 +25,32 @@ idx, pad = M.left_pad(prompts, 0, "cuda")
 longest = idx.shape[1]
 sync = torch.cuda.synchronize
 ac = torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def per_call_ms(fn, n):
+    fn()  # once untimed: lazy initialisation (the sampler's random generator, workspaces)
+    sync(); t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+if sys.argv[1:] == ["decode"]:
+    with torch.no_grad(), ac:
+        cache = M.KVCache(m.cfg, B, longest + 64, pad, torch.bfloat16, "cuda")
+        logits = m.logits(m.hidden(idx, cache)[:, -1])
+        dec = m._decoder(cache, B, torch.device("cuda"))
+        tok = logits.argmax(-1)[:, None]
+        replay = per_call_ms(lambda: dec(tok), 20)  # 21 steps: the cache has 64 free slots
+        sample = per_call_ms(lambda: M.sample_next(logits, 1.0), 20)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m.logits(m.hidden(tok, cache)[:, -1])
+            M.sample_next(logits, 1.0)
+            sync()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=80))
+    print(f"decoding step at batch {B}: CUDA graph replay {replay:.2f} ms, sample_next {sample:.2f} ms")
+    sys.exit(0)
 for rep in range(3):
     with torch.no_grad(), ac:
         sync(); t0 = time.perf_counter()
