@@ -133,25 +133,29 @@ def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, 
         rows += [(prompts[ss[0]], ss[j * len(ss) // k:(j + 1) * len(ss) // k]) for j in range(k)]
     T = max(len(p) + sum(len(completions[i]) for i in r) for p, r in rows)
     T = max(T, min(-(-T // multiple) * multiple, max_len or math.inf))
-    seqs = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    seg = torch.full((len(rows), T), -1, dtype=torch.long)  # 0 = prompt, k = the row's k-th completion, -1 = padding
-    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    seqs, seg, pos = [], [], []  # per row; seg: 0 = prompt, k = the row's k-th completion, -1 = padding
     src, tgt = [None] * len(prompts), [None] * len(prompts)
     for r, (p, samples) in enumerate(rows):
-        P, o = len(p), len(p)
-        seqs[r, :P], seg[r, :P], pos[r, :P] = torch.tensor(p), 0, torch.arange(P)
+        P = len(p)
+        ids, sg, ps = list(p), [0] * P, list(range(P))
         for k, i in enumerate(samples, 1):
-            c = completions[i]
-            seqs[r, o:o + len(c)], seg[r, o:o + len(c)], pos[r, o:o + len(c)] = torch.tensor(c, dtype=torch.long), k, torch.arange(P, P + len(c))
-            tgt[i] = r * T + o + torch.arange(len(c))
-            src[i] = torch.cat([torch.tensor([r * T + P - 1]), tgt[i][:-1]])  # token 0 from the prompt's last position
-            o += len(c)
+            c, o = completions[i], r * T + len(ids)
+            tgt[i] = range(o, o + len(c))
+            src[i] = [r * T + P - 1, *range(o, o + len(c) - 1)]  # token 0 from the prompt's last position
+            ids += c
+            sg += [k] * len(c)
+            ps += range(P, P + len(c))
+        seqs.append(ids + [pad_id] * (T - len(ids)))
+        seg.append(sg + [-1] * (T - len(sg)))
+        pos.append(ps + [0] * (T - len(ps)))
+    seqs, seg, pos = (torch.from_numpy(np.array(x, dtype=np.int64)) for x in (seqs, seg, pos))  # numpy: 10x torch.tensor on lists
+    src, tgt = (torch.from_numpy(np.fromiter((j for x in xs for j in x), dtype=np.int64)) for xs in (src, tgt))
     layout = None
     if any(len(r) > 1 for _, r in rows):
-        j = torch.arange(T)
+        seg, j = seg.to(device), torch.arange(T, device=device)  # the mask is built where it is used: R x T x T
         mask = (j[None, None, :] <= j[None, :, None]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-        layout = (mask[:, None].to(device), pos.to(device))
-    return {"seqs": seqs.to(device), "layout": layout, "src": torch.cat(src).to(device), "tgt": torch.cat(tgt).to(device),
+        layout = (mask[:, None], pos.to(device))
+    return {"seqs": seqs.to(device), "layout": layout, "src": src.to(device), "tgt": tgt.to(device),
             "clen": torch.tensor([len(c) for c in completions], device=device)}
 
 
