@@ -7,11 +7,13 @@ train.py: the defaults below, overridden by config files and --key=value.
     python grpo.py config/usmle.py --eval_only=True --init_from=out/usmle/ckpt.pt
 
 One step (DeepSeekMath's GRPO, with DeepSeek-V3.2's unbiased KL and off-policy sequence masking, DAPO's loss sum):
-  1. P prompts x G samples from model.generate() (batched, KV cache) at `temperature` (top-k / top-p optional);
+  1. P prompts x G samples from model.generate() (batched, KV cache; each prompt prefilled once) at `temperature`
+     (top-k / top-p optional);
   2. rewards (tasks.py); advantage A_i = (r_i - mean_group) / (std_group + eps), or without the std (Dr. GRPO);
      groups whose rewards are all equal carry no signal and are dropped (frac_zero_std);
   3. old and reference log-probs of the sampled tokens, by the same code and in the same micro-batches as training;
-     with one update per batch (fuse_old_logprobs) the old ones are the update forward's own, detached: no pass here;
+     with one update per batch (fuse_old_logprobs) the old ones are the update forward's own, detached: no pass here.
+     A prompt's samples share packed rows (share_prompts): its tokens run once, each completion sees it and itself;
   4. `updates_per_batch` optimizer steps, each on the whole batch with gradients accumulated over micro-batches of
         loss = 1/N sum_{i,t} [ -min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i) * M_i + beta * r * (q/p - log(q/p) - 1) ]
      r = pi_theta/pi_old per token (not detached), p = pi_theta, q = pi_ref, N = completion tokens of the whole step
