@@ -488,11 +488,11 @@ def evaluate_generate(model, tok, examples, max_new_tokens=32, batch_size=64, au
         with autocast:
             out, lens = model.generate(prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
         for e, row, n in zip(chunk, out.tolist(), lens.tolist()):
-            text = decode(tok, row[:n])
-            r, ok = tasks.grade(e["task"], text, e)
+            pred = tasks.extract_answer(e["task"], decode(tok, row[:n]), e)
+            r, ok = tasks.grade_answer(e["task"], pred, e)
             correct.append(r)
             parsable.append(ok)
-            outputs.append(tasks.extract_answer(e["task"], text, e))
+            outputs.append(pred)
     res = tasks.summarize(correct, parsable)
     if examples and examples[0]["task"] in tasks.MCQ_TASKS:
         res["predicted"] = {L: outputs.count(L) for L in sorted(set(o for o in outputs if o))}

@@ -305,7 +305,11 @@ def extract_answer(task, completion, example):
 def grade(task, completion, example):
     """(reward, parsable) from one extraction: reward 1.0 if the completion's answer matches example['answer']
     (numbers compared numerically), else 0.0; parsable: an answer was found at all."""
-    pred = extract_answer(task, completion, example)
+    return grade_answer(task, extract_answer(task, completion, example), example)
+
+
+def grade_answer(task, pred, example):
+    """grade() of an answer already extracted (None: none found)."""
     if pred is None:
         return 0.0, False
     if (task or example["task"]) in MCQ_TASKS:
