@@ -24,6 +24,11 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 ok = True
 
 
+def rel_diff(a, b):
+    """|a - b| / |b| in float32 norms."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def grads_of(m, compiled, x, y):
     run = torch.compile(m) if compiled else m
     with torch.autocast(dev, dtype=torch.bfloat16):
@@ -37,7 +42,7 @@ def grads_of(m, compiled, x, y):
 m = M.GPT(M.make_config("small", n_layer=2, block_size=256)).to(dev)
 x, y = torch.randint(0, 50304, (2, 4, 256), device=dev)
 (l0, g0), (l1, g1) = grads_of(m, False, x, y), grads_of(m, True, x, y)
-rel = ((g0 - g1).norm() / g0.norm()).item()
+rel = rel_diff(g1, g0)
 print(f"1. compiled vs eager: loss {l0:.5f} / {l1:.5f}, grad-norm {g0.norm():.4f} / {g1.norm():.4f}, relative difference {rel:.2e}")
 ok &= g1.norm().item() > 0 and rel < 0.05
 
@@ -52,8 +57,8 @@ with torch.autocast(dev, dtype=torch.bfloat16):
     with torch.no_grad():
         h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
 same = (graphed == eager).float().mean().item()
-rel_h = ((h_comp - h_eager).float().norm() / h_eager.float().norm()).item()
-rel_k = ((caches[1].k - caches[0].k).float().norm() / caches[0].k.float().norm()).item()
+rel_h = rel_diff(h_comp, h_eager)
+rel_k = rel_diff(caches[1].k, caches[0].k)
 print(f"2. CUDA-graph decode vs eager: {100 * same:.1f}% of greedy tokens equal; compiled prefill vs eager: hidden states "
       f"{rel_h:.1e}, KV cache {rel_k:.1e} relative difference, cache length {caches[1].length} / {caches[0].length}")
 ok &= same > 0.95 and rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
@@ -63,7 +68,7 @@ m8 = M.GPT(m.cfg).to(dev)
 M.PRECISION = "bf16"
 m8.load_state_dict(m.state_dict())
 l8, g8 = grads_of(m8, True, x, y)
-rel8 = ((g8 - g0).norm() / g0.norm()).item()
+rel8 = rel_diff(g8, g0)
 print(f"3. fp8 vs bf16: loss {l8:.5f} / {l0:.5f}, gradient relative difference {rel8:.2e}")
 ok &= abs(l8 - l0) / l0 < 0.01 and rel8 < 0.2
 B, H, R, S, D = 64, 4, 4, 300, 72
@@ -87,11 +92,11 @@ else:
         M.ATTENTION = att
         o = M.attend(q, k, v)
         outs.append((o.float(), *(g.float() for g in torch.autograd.grad(o.float().square().sum(), (q, k, v)))))
-    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(*outs)]
+    errs = [rel_diff(a, b) for a, b in zip(*outs)]
     M.ATTENTION = "flash"
     lf, gf = grads_of(m, True, x, y)
     M.ATTENTION = "sdpa"
-    relf = ((gf - g0).norm() / g0.norm()).item()
+    relf = rel_diff(gf, g0)
     print(f"5. flash-attn vs SDPA: relative difference out {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, dv {errs[3]:.1e}; "
           f"compiled model with flash vs eager SDPA: loss {lf:.5f} / {l0:.5f}, gradient relative difference {relf:.2e}")
     ok &= max(errs) < 2e-2 and relf < 0.05
@@ -107,8 +112,7 @@ for share in (0, 512):
         lp[mask].sum().backward()
         res[share, compiled] = (lp.detach()[mask], torch.cat([p.grad.flatten().float() for p in m.parameters()]))
         m.zero_grad(set_to_none=True)
-rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-errs = {key: (rel(lp, res[0, False][0]), rel(gr, res[0, False][1])) for key, (lp, gr) in res.items() if key != (0, False)}
+errs = {key: (rel_diff(lp, res[0, False][0]), rel_diff(gr, res[0, False][1])) for key, (lp, gr) in res.items() if key != (0, False)}
 with torch.autocast(dev, dtype=torch.bfloat16):
     twice, _ = m.generate(prompts + prompts[::-1], 24, temperature=0)
 same = (torch.cat([twice[:4], twice[4:].flip(0)]) == torch.cat([graphed, graphed])).float().mean().item()
