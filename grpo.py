@@ -22,6 +22,7 @@ One step (DeepSeekMath's GRPO, with DeepSeek-V3.2's unbiased KL and off-policy s
 Masks come from positions (prompt and completion lengths), never from token values: EOS may equal the pad.
 Writes out_dir/ckpt.pt (kind "grpo", the checkpoint format of train.py), log.jsonl, reward_curve.png, tb/.
 """
+import functools
 import json
 import math
 import os
@@ -117,7 +118,7 @@ def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, 
     """Samples (prompt, completion) -> a batch for completion_logprobs, a dict:
     seqs (R, T) right-padded rows; clen (S,) completion lengths; src and tgt (N,) indexes into seqs.view(-1) of the
     position whose output predicts each completion token and of that token (N = sum clen, sample by sample);
-    layout: None (causal rows) or (mask (R, 1, T, T), positions (R, T)) for GPT.hidden.
+    layout: None (causal rows) or (segments (R, T), positions (R, T)) for GPT.hidden (model.packed_mask).
     share=0: row s = prompt s + completion s, from position 0 like generate()'s row s (which left-pads), so RoPE
     positions agree; T is the longest row rounded up to `multiple`, within max_len (fewer shapes for torch.compile;
     causal attention makes right padding change no log-prob).
@@ -152,11 +153,7 @@ def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, 
         pos.append(ps + [0] * (T - len(ps)))
     seqs, seg, pos = (torch.from_numpy(np.array(x, dtype=np.int64)) for x in (seqs, seg, pos))  # numpy: 10x torch.tensor on lists
     src, tgt = (torch.from_numpy(np.fromiter((j for x in xs for j in x), dtype=np.int64)) for xs in (src, tgt))
-    layout = None
-    if any(len(r) > 1 for _, r in rows):
-        seg, j = seg.to(device), torch.arange(T, device=device)  # the mask is built where it is used: R x T x T
-        mask = (j[None, None, :] <= j[None, :, None]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-        layout = (mask[:, None], pos.to(device))
+    layout = (seg.to(device), pos.to(device)) if any(len(r) > 1 for _, r in rows) else None
     return {"seqs": seqs.to(device), "layout": layout, "src": src.to(device), "tgt": tgt.to(device),
             "clen": torch.tensor([len(c) for c in completions], device=device)}
 
@@ -177,7 +174,9 @@ def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, ext
     """log pi(target) at `temperature` for rows of hidden states; the kept set (sampling truncation) either given as
     bits or, when truncating, rebuilt from these logits (plus the target: it was sampled, so it was kept).
     extras: also the entropy and the kept bits, without grad (under checkpoint, backward does not recompute them)."""
-    logits = model.logits(h) / temperature
+    logits = model.logits(h)
+    if temperature != 1.0:  # a pass over the float32 chunk saved at 1 (eager: 17 ms of a step at medium-large)
+        logits = logits / temperature
     kept = None
     if kept_bits is not None:
         kept = unpack_bits(kept_bits, logits.shape[1])
@@ -196,13 +195,20 @@ def _chunk_logprobs(model, h, targets, kept_bits, temperature, top_k, top_p, ext
     return logp, entropy, (pack_bits(kept) if kept is not None else None)
 
 
+@functools.cache
+def _compiled_chunk_logprobs():
+    """_chunk_logprobs through torch.compile: the cast of the float32 logits, the log-softmax, the gather and the
+    entropy fuse into a few passes over each chunk, forward and backward, instead of one per op (BENCHMARKS.md)."""
+    return torch.compile(_chunk_logprobs, dynamic=True)
+
+
 def completion_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0, kept_bits=None, extras=False,
                         chunk_rows=4096, compiled=False):
     """Log-probs of each sample's completion tokens, (S, L) with L = max completion length, and the mask (S, L) of real
     completion tokens, for a pack_rows batch. Only completion positions reach the head, `chunk_rows` at a time, each
     chunk recomputed in backward (torch.utils.checkpoint) so no float32 B x T x V ever exists.
     extras: also per-token entropy (S, L) and the kept-token bits (N, V/8) in mask order, or None; both without grad.
-    compiled: the transformer through model.compiled_hidden()."""
+    compiled: the transformer through model.compiled_hidden() and the head's chunks through torch.compile."""
     seqs, clen = batch["seqs"], batch["clen"]
     mask = torch.arange(int(clen.max()), device=seqs.device)[None, :] < clen[:, None]
     layout = batch["layout"]
@@ -210,10 +216,11 @@ def completion_logprobs(model, batch, temperature=1.0, top_k=0, top_p=1.0, kept_
     h = h.reshape(-1, h.shape[-1])[batch["src"]]
     targets = seqs.reshape(-1)[batch["tgt"]]
     logps, ents, kepts = [], [], []
+    chunk_fn = _compiled_chunk_logprobs() if compiled else _chunk_logprobs
     for i in range(0, len(targets), chunk_rows):
         args = (model, h[i:i + chunk_rows], targets[i:i + chunk_rows],
                 None if kept_bits is None else kept_bits[i:i + chunk_rows], temperature, top_k, top_p, extras)
-        out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args)
+        out = checkpoint(chunk_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(*args)
         if extras:
             out, ent, kept = out
             ents.append(ent)

@@ -13,7 +13,10 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
+
+import kernels
 
 # ---------------------------------------------------------------------------------------------
 # Module-level switches. train.py / grpo.py / bench.py set them from their config and print them.
@@ -21,6 +24,8 @@ ATTENTION = "sdpa"  # "sdpa": torch SDPA (cuDNN backend first on Hopper); "flash
 PRECISION = "bf16"  # "bf16": bf16 autocast over fp32 master weights; "fp8": FP8 matmuls in the blocks (fp8.py)
 RESIDUAL = "autocast"  # the residual stream under autocast: "autocast" (its dtype, bf16, as Megatron; 1.04x, same loss) | "fp32"
 DECODE_CUDA_GRAPH = True  # generate() on CUDA replays each decoding step as one CUDA graph
+FLEX_PACKED = True  # packed rows (GRPO's shared prompts) in compiled CUDA forwards: flex_attention skips masked tiles; False = SDPA, dense mask
+DECODE_KERNEL = True  # decoding attention on CUDA through kernels.py's Triton kernel (where triton is installed); False = decode_attend
 LOSS_CHUNK_ROWS = 4096  # rows of logits made at once by the loss: 4096 x 50304 fp32 = 0.8 GB, never B x T x V
 DSA_IMPL = "mask"  # DSA's selected-key attention: "mask" (selection as a mask for dense SDPA) | "gather" (O(T k))
 DSA_CHUNK_ELEMS = 1 << 26  # DSA works on query chunks of at most this many T x S score elements (256 MB in fp32)
@@ -179,9 +184,13 @@ def _load_flash():
 
 
 def attend(q, k, v, mask=None, dropout_p=0.0):
-    """Causal attention. q: (B, T, H, D); k, v: (B, S, Hkv, D); mask: bool (B, 1, T, S) or None (causal)."""
+    """Causal attention. q: (B, T, H, D); k, v: (B, S, Hkv, D); mask: bool (B, 1, T, S), a BlockMask (packed_mask,
+    compiled on CUDA) or None (causal)."""
     if ATTENTION not in ("sdpa", "flash"):
         raise ValueError(f"unknown ATTENTION={ATTENTION!r}; use 'sdpa' or 'flash'")
+    if isinstance(mask, BlockMask):  # packed rows, compiled (GPT.hidden): only the tiles the mask reaches are computed
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2)
     if ATTENTION == "flash" and mask is None:  # masked (cached, padded) decoding always goes through SDPA
         flash = _load_flash()
         if not q.is_cuda:
@@ -199,9 +208,13 @@ def attend(q, k, v, mask=None, dropout_p=0.0):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         rep = H // Hkv
+        decoding = q.is_cuda and T == 1 and dropout_p == 0.0 and k.is_contiguous() and v.is_contiguous()
+        if decoding and DECODE_KERNEL and kernels.available():  # Triton: K and V read once, 3.5x decode_attend at GRPO's shape
+            return kernels.decode_attention(q.reshape(B, Hkv, rep, D), k, v, mask.expand(B, 1, 1, S)[:, 0, 0]
+                                            ).reshape(B, H, T, D).transpose(1, 2)
         mask = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
         q = q.reshape(B, Hkv, rep * T, D)
-        if q.is_cuda and T == 1 and dropout_p == 0.0 and k.is_contiguous() and v.is_contiguous():
+        if decoding:
             y = decode_attend(q, k, v, mask).reshape(B, H, T, D)
         else:
             y = _masked_sdpa(q, k, v, mask, dropout_p).reshape(B, H, T, D)
@@ -639,11 +652,13 @@ class GPT(nn.Module):
     def head_weight(self):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, idx, cache=None, indexer_loss=False, layout=None):
+    def hidden(self, idx, cache=None, indexer_loss=False, layout=None, block_fn=None):
         """Final-norm hidden states (B, T, d) and, for the head, their projection when embeddings are factorized.
         indexer_loss: DSA layers also compute their indexer's KL loss (GPT.losses collects it).
-        layout: (mask (B, 1, T, T) bool, positions (B, T)) of rows packed by the caller (GRPO: one prompt, then each of
-        its completions at the positions after it, seeing the prompt and itself); None = causal rows from position 0."""
+        layout: (segments (B, T), positions (B, T)) of rows packed by the caller (GRPO: one prompt, then each of its
+        completions at the positions after it, seeing the prompt and itself; see packed_mask); None = causal rows from
+        position 0.
+        block_fn: runs each block as block_fn(block, *args) (compiled_hidden's compiled Block.forward); None = block(*args)."""
         B, T = idx.shape
         mask = None
         if cache is not None:
@@ -653,7 +668,9 @@ class GPT(nn.Module):
         elif layout is not None:
             if self.cfg.dsa_top_k:
                 raise ValueError("DSA layers take causal rows or a KV cache, not a packed layout")
-            mask, positions = layout
+            seg, positions = layout
+            # flex_attention's kernel needs torch.compile (block_fn) and CUDA, and takes no dropout
+            mask = packed_mask(seg, FLEX_PACKED and block_fn is not None and idx.is_cuda and not (self.training and self.cfg.dropout))
         elif T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.block_size})")
         if mask is None:
@@ -673,6 +690,8 @@ class GPT(nn.Module):
         if RESIDUAL == "autocast" and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
+            if block_fn is not None:
+                block = functools.partial(block_fn, block)
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, None, i, mask, irope, indexer_loss, use_reentrant=False)
             else:
@@ -843,11 +862,39 @@ def left_pad(prompts, fill, device):
     return torch.tensor([[fill] * (longest - len(p)) + list(p) for p in prompts], device=device), pad
 
 
+def packed_mask(seg, flex=False):
+    """The attention mask of packed rows, from seg (B, T): 0 = the row's shared prefix (a prompt), k > 0 = its k-th
+    continuation (a completion), -1 = padding. Query t sees key s <= t in the prefix or in its own segment.
+    -> bool (B, 1, T, T) for SDPA, or with flex a BlockMask over 128 x 128 tiles: tiles the mask leaves empty are
+    skipped, full ones run without it (built from the dense mask with a few tensor ops: create_block_mask's vmap
+    cost more host time than the kernels it saved)."""
+    B, T = seg.shape
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & ((seg[b, kv] == 0) | (seg[b, kv] == seg[b, q]))
+    j = torch.arange(T, device=seg.device)
+    dense = mask_mod(torch.arange(B, device=seg.device)[:, None, None], 0, j[None, :, None], j[None, None, :])
+    if not flex:
+        return dense[:, None]
+    n = -(-T // 128)
+    tiles = F.pad(dense, (0, n * 128 - T, 0, n * 128 - T)).view(B, n, 128, n, 128)
+    full = tiles.all(4).all(2)  # (B, n, n): every (query, key) pair allowed
+    partial = tiles.any(4).any(2) & ~full
+
+    def blocks(m):  # (B, n, n) -> counts (B, 1, n) and key-tile indexes (B, 1, n, n), the marked tiles first, in order
+        return (m.sum(-1, dtype=torch.int32)[:, None],
+                m.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)[:, None])
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(T, T))
+
+
 @functools.cache
 def compiled_hidden():
-    """torch.compile(GPT.hidden), made once and shared by every model (each passes itself): GRPO's log-prob and update
-    forwards and generate()'s prefill. dynamic: batch and length change from call to call."""
-    return torch.compile(GPT.hidden, dynamic=True)
+    """GPT.hidden with each block through one torch.compile(Block.forward), made once and shared by every model and
+    layer (each passes itself): GRPO's log-prob and update forwards and generate()'s prefill. Compiling one block,
+    not the 20-layer hidden(), is what makes it quick to compile (BENCHMARKS.md). dynamic: batch and length change
+    from call to call."""
+    block_fn = torch.compile(Block.forward, dynamic=True)
+    return lambda model, idx, cache=None, layout=None: model.hidden(idx, cache, layout=layout, block_fn=block_fn)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -3,8 +3,9 @@ new tokens, bf16 autocast): the eager prefill, the CUDA graph capture and the de
 of the prefill alone (PROFILE=0 skips it); last, generate() with compile_prefill=True as GRPO calls it, for 64 prompts x
 16 samples (repeated rows share one prefill) against 1024 distinct prompts of the same lengths (every row prefilled).
     python scripts/rollout_phases.py
-`python scripts/rollout_phases.py decode` times only a decoding step's parts at this shape: the CUDA graph replay, the
-sampling of the next token, and the kernels of one eager step."""
+`python scripts/rollout_phases.py decode` times only a decoding step's parts at this shape: the CUDA graph replay (with
+the Triton attention kernel, then with decode_attend), the sampling of the next token, and the kernels of one eager
+step."""
 import os
 import sys
 import time
@@ -43,13 +44,20 @@ if sys.argv[1:] == ["decode"]:
         dec = m._decoder(cache, B, torch.device("cuda"))
         tok = logits.argmax(-1)[:, None]
         replay = per_call_ms(lambda: dec(tok), 20)  # 21 steps: the cache has 64 free slots
+        M.DECODE_KERNEL = False  # the same step with decode_attend's two batched matmuls
+        cache.pos.fill_(longest)
+        cache.length = longest
+        dec_bmm = m._decoder(cache, B, torch.device("cuda"))
+        replay_bmm = per_call_ms(lambda: dec_bmm(tok), 20)
+        M.DECODE_KERNEL = True
         sample = per_call_ms(lambda: M.sample_next(logits, 1.0), 20)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             m.logits(m.hidden(tok, cache)[:, -1])
             M.sample_next(logits, 1.0)
             sync()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=80))
-    print(f"decoding step at batch {B}: CUDA graph replay {replay:.2f} ms, sample_next {sample:.2f} ms")
+    print(f"decoding step at batch {B}: CUDA graph replay {replay:.2f} ms (attention by kernels.decode_attention; "
+          f"{replay_bmm:.2f} ms by decode_attend: {replay_bmm / replay:.2f}x), sample_next {sample:.2f} ms")
     sys.exit(0)
 for rep in range(3):
     with torch.no_grad(), ac:

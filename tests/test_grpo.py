@@ -13,7 +13,7 @@ import torch
 import grpo
 import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint
-from model import GPT, make_config
+from model import GPT, make_config, packed_mask
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -300,14 +300,22 @@ def test_right_padding_changes_no_logprob():
 
 
 def test_compiled_forward_matches_eager():
-    """compile=True (inductor on the CPU: ~37 s cold, ~7 s with its cache on 2 cores): the old, reference and update
-    forwards through torch.compile, rows padded to a multiple of 16, agree with eager ones."""
+    """compile=True (inductor on the CPU): the old, reference and update forwards and their head chunks through
+    torch.compile, rows padded to a multiple of 16, agree with eager ones, two-pass and fused."""
     c = cfg(samples_per_prompt=4, max_new_tokens=8, beta=0.05, micro_batch=8, fuse_old_logprobs=False)
     out = two_ways(c, "compile", (False, True), n_layer=1)  # one block: half the tracing
     (mbs_e, st_e, g_e, _), (mbs_c, st_c, g_c, _) = out[False], out[True]
     assert mbs_c[0]["batch"]["seqs"].shape[1] % 16 == 0 and mbs_e[0]["batch"]["seqs"].shape[1] % 16 != 0
     for a, b in zip(mbs_e, mbs_c):
         assert torch.allclose(a["old"], b["old"], atol=1e-5) and torch.allclose(a["ref"], b["ref"], atol=1e-5)
+    for k in st_e:
+        assert math.isclose(st_e[k], st_c[k], rel_tol=1e-5, abs_tol=1e-7), k
+    for a, b in zip(g_e, g_c):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    # fused old log-probs: the compiled head chunk returns the entropy beside log-probs that carry gradients
+    out = two_ways({**c, "fuse_old_logprobs": True, "temperature": 0.9}, "compile", (False, True), n_layer=1)
+    (_, st_e, g_e, _), (_, st_c, g_c, _) = out[False], out[True]
+    assert st_c["entropy"] > 0
     for k in st_e:
         assert math.isclose(st_e[k], st_c[k], rel_tol=1e-5, abs_tol=1e-7), k
     for a, b in zip(g_e, g_c):
@@ -438,14 +446,37 @@ def test_shared_prompt_rows_equal_a_row_per_sample():
     assert torch.equal(mask, mask0) and torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(ent, ent0, atol=1e-5)
 
 
+def test_packed_mask_tiles_for_flex_attention():
+    """packed_mask(flex=True): a BlockMask whose listed 128 x 128 tiles are exactly those the dense mask touches,
+    split into full tiles (all allowed: run without the mask) and partial ones (the mask applied); none listed twice."""
+    seg = torch.tensor([[0] * 200 + [1] * 50 + [2] * 50, [0] * 40 + [1] * 130 + [2] * 100 + [-1] * 30])
+    dense = packed_mask(seg)[:, 0]
+    bm = packed_mask(seg, flex=True)
+    tiles = torch.nn.functional.pad(dense, (0, 84, 0, 84)).view(2, 3, 128, 3, 128)
+    touched, whole = tiles.any(4).any(2), tiles.all(4).all(2)
+
+    def listed(num, idx):  # (B, 1, n) counts and (B, 1, n, n) indexes -> (B, n, n) bool
+        out = torch.zeros(2, 3, 3, dtype=torch.bool)
+        for b in range(2):
+            for q in range(3):
+                out[b, q, idx[b, 0, q, :num[b, 0, q]].long()] = True
+        return out
+    partial, full = listed(bm.kv_num_blocks, bm.kv_indices), listed(bm.full_kv_num_blocks, bm.full_kv_indices)
+    assert torch.equal(full, whole) and torch.equal(partial | full, touched) and not (partial & full).any()
+    assert full[0, 1, 0] and not touched[0, 0, 2] and full.any() and not touched.all()  # the case has all three kinds
+    q, kv = torch.meshgrid(torch.arange(300), torch.arange(300), indexing="ij")
+    assert torch.equal(bm.mask_mod(torch.tensor(1), 0, q, kv), dense[1])  # the mask_mod is the dense rule
+
+
 def test_pack_rows_shares_a_prompt_within_the_row_limit():
     prompts = [[1, 2], [3], [1, 2], [1, 2]]
     comps = [[5, 6, 7], [8], [9], [10, 11]]
     b = grpo.pack_rows(prompts, comps, CPU, share=6)  # 2 + 6 tokens > 6: two rows of [1, 2], samples split 1 + 2
     assert b["seqs"].tolist() == [[1, 2, 5, 6, 7], [1, 2, 9, 10, 11], [3, 8, 0, 0, 0]]
-    mask, pos = b["layout"]
+    seg, pos = b["layout"]
+    assert seg.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 2, 2], [0, 1, -1, -1, -1]]
     assert pos[1].tolist() == [0, 1, 2, 2, 3]  # the second completion starts right after the prompt again
-    assert mask[1, 0, 3].tolist() == [True, True, False, True, False]  # it sees the prompt and itself
+    assert packed_mask(seg)[1, 0, 3].tolist() == [True, True, False, True, False]  # it sees the prompt and itself
     flat = b["seqs"].view(-1)
     assert flat[b["tgt"]].tolist() == [5, 6, 7, 8, 9, 10, 11]  # sample by sample, in the caller's order
     assert b["src"].tolist() == [1, 2, 3, 10, 6, 6, 8]  # token 0 of each completion from its prompt's last position

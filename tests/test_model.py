@@ -283,6 +283,22 @@ def test_compiled_prefill_gives_the_eager_tokens():
         assert torch.equal(eager, compiled) and torch.equal(n_eager, n_compiled)
 
 
+def test_compiled_hidden_traces_one_block_whatever_the_depth():
+    """compiled_hidden() compiles Block.forward once for every layer (regional compilation), so what it traces does
+    not grow with n_layer: the whole 20-layer hidden() took minutes to compile for GRPO (BENCHMARKS.md)."""
+    from torch._dynamo.utils import counters
+    captured = {}
+    for n_layer in (2, 5):
+        torch._dynamo.reset()
+        counters.clear()
+        m = tiny(n_layer=n_layer)
+        idx = torch.randint(0, 320, (2, 7))
+        with torch.no_grad():
+            assert torch.allclose(M.compiled_hidden()(m, idx), m.hidden(idx), atol=1e-5)
+        captured[n_layer] = counters["stats"]["calls_captured"]
+    assert captured[2] == captured[5] > 0
+
+
 def test_repeated_prompts_share_one_prefill(monkeypatch):
     """GRPO's G samples of a prompt: generate() prefills each distinct (prompt, padding) once and copies its K/V to
     the repeats; greedy tokens equal those of the prompts generated once each."""
