@@ -5,7 +5,8 @@ of the prefill alone (PROFILE=0 skips it); last, generate() with compile_prefill
     python scripts/rollout_phases.py
 `python scripts/rollout_phases.py decode` times only a decoding step's parts at this shape: the CUDA graph replay (with
 the Triton attention kernel, then with decode_attend), the sampling of the next token, and the kernels of one eager
-step."""
+step. `python scripts/rollout_phases.py kernel`: whole generate() calls at bench.py's decoding shape (128-token prompts,
+256 new tokens, bf16 weights, batch 256 and 1024) with decode_attend, then with the Triton kernel."""
 import os
 import sys
 import time
@@ -37,6 +38,19 @@ def per_call_ms(fn, n):
     return (time.perf_counter() - t0) / n * 1e3
 
 
+if sys.argv[1:] == ["kernel"]:  # whole generate() calls, bench.py's decode shape, decode_attend vs the Triton kernel
+    mb = M.GPT(M.make_config("medium-large")).cuda().to(torch.bfloat16).eval()
+    for B in (256, 1024):
+        ps, res = torch.randint(0, 50000, (B, 128)).tolist(), {}
+        for rep in range(2):  # the first round warms up
+            for k in (False, True):
+                M.DECODE_KERNEL = k
+                sync(); t0 = time.perf_counter()
+                mb.generate(ps, 256, temperature=1.0)
+                sync(); res[k] = B * 256 / (time.perf_counter() - t0)
+        print(f"batch {B}: decode_attend {res[False]:,.0f} new tokens/s, Triton kernel {res[True]:,.0f} "
+              f"({res[True] / res[False]:.2f}x)", flush=True)
+    sys.exit(0)
 if sys.argv[1:] == ["decode"]:
     with torch.no_grad(), ac:
         cache = M.KVCache(m.cfg, B, longest + 64, pad, torch.bfloat16, "cuda")
