@@ -10,6 +10,7 @@ import functools
 import math
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -859,7 +860,10 @@ def left_pad(prompts, fill, device):
     """Prompts (lists of ids) as one left-padded block, as generate() prefills it: (ids (B, longest), pad (B,) cpu)."""
     longest = max(len(p) for p in prompts)
     pad = torch.tensor([longest - len(p) for p in prompts])
-    return torch.tensor([[fill] * (longest - len(p)) + list(p) for p in prompts], device=device), pad
+    rows = np.full((len(prompts), longest), fill, dtype=np.int64)  # numpy: torch.tensor on 1024 lists took 18 ms
+    for r, p in enumerate(prompts):
+        rows[r, longest - len(p):] = p
+    return torch.from_numpy(rows).to(device), pad
 
 
 def packed_mask(seg, flex=False):
