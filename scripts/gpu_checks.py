@@ -8,7 +8,8 @@
 5. where flash-attn is installed: ATTENTION="flash" gives SDPA's outputs and gradients at head_dim 72 with GQA, and
    the compiled model's gradients under it equal SDPA's;
 6. GRPO's shared-prompt rows (grpo.pack_rows share=512: a prompt once, its completions after it under a mask) give the
-   log-probs and gradients of a row per sample, eager and compiled; repeated prompts in generate() (one shared prefill)
+   log-probs and gradients of a row per sample, eager (SDPA, dense mask) and compiled (flex_attention on CUDA);
+   repeated prompts in generate() (one shared prefill)
    decode the tokens of the prompts given once."""
 import os
 import sys
