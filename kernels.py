@@ -20,8 +20,10 @@ import math
 import torch
 
 
+@functools.cache
 def available():
-    """Whether triton can be imported (decode_attention needs it; on the CPU only under TRITON_INTERPRET=1)."""
+    """Whether triton can be imported (decode_attention needs it; on the CPU only under TRITON_INTERPRET=1). Asked
+    once: attend() asks at every eager decoding call."""
     try:
         importlib.import_module("triton")
     except ImportError:

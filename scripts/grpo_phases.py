@@ -18,9 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+from configurator import configure  # noqa: E402
 
-cfg = dict(grpo._DEFAULTS)
-exec(open(os.path.join(os.path.dirname(__file__), "..", "config", "usmle.py")).read(), {}, cfg)
+cfg = configure(dict(grpo._DEFAULTS), [os.path.join(os.path.dirname(__file__), "..", "config", "usmle.py")])
 torch.manual_seed(0)
 dev = torch.device("cuda")
 policy = M.GPT(M.make_config("medium-large")).to(dev)

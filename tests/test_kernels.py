@@ -97,4 +97,6 @@ def test_bad_shapes_are_refused():
 def test_available_without_triton(monkeypatch):
     assert kernels.available()
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    kernels.available.cache_clear()
     assert not kernels.available()
+    kernels.available.cache_clear()  # the next caller looks again, with triton back
