@@ -10,8 +10,9 @@ Measured (H100, torch 2.11, triton 3.6, batch 1024): 95 us at 183 slots (2.3 TB/
 fastest of 64 settings or within 1% of it at each length; BLOCK_S 128 with 1 warp was 3-5x slower.
 
 How: one program per (batch row, KV head) reads that head's K and V once, in blocks of BLOCK_S slots, with an
-online (flash) softmax in float32; its R query rows share every K/V block. Triton is imported on first use,
-so `import kernels` works without it; available() says whether it is installed.
+online (flash) softmax in float32; its R query rows share every K/V block. Blocks with no visible slot are not read
+(left padding, and the unused tail of a cache kept across generate() calls). Triton is imported on first use, so
+`import kernels` works without it; available() says whether it is installed.
 """
 import functools
 import importlib
@@ -54,18 +55,19 @@ def _kernel():
             s = start + s0
             in_s = s < S
             keep = in_s & (tl.load(mask_ptr + b * S + s, mask=in_s, other=0) != 0)
-            sd = in_s[:, None] & (d[None, :] < D)
-            k = tl.load(k_base + s[:, None] * D + d[None, :], mask=sd, other=0.0)  # (BLOCK_S, BLOCK_D)
-            v = tl.load(v_base + s[:, None] * D + d[None, :], mask=sd, other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * qk_scale  # float32 (BLOCK_R, BLOCK_S)
-            scores = tl.where(keep[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked block so far: no NaN
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            if tl.max(keep.to(tl.int32), 0) > 0:  # skip blocks nobody may see: left padding, a kept cache's unused slots
+                sd = in_s[:, None] & (d[None, :] < D)
+                k = tl.load(k_base + s[:, None] * D + d[None, :], mask=sd, other=0.0)  # (BLOCK_S, BLOCK_D)
+                v = tl.load(v_base + s[:, None] * D + d[None, :], mask=sd, other=0.0)
+                scores = tl.dot(q, tl.trans(k)) * qk_scale  # float32 (BLOCK_R, BLOCK_S)
+                scores = tl.where(keep[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked block so far: no NaN
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(scores - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
         out = acc / l_i[:, None]
         tl.store(out_ptr + bh * R * D + r[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=rd)
 

@@ -8,6 +8,7 @@ conversion to and from the transformers layout.
 """
 import functools
 import math
+import weakref
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -580,6 +581,13 @@ class KVCache:
         self.v[layer].index_copy_(2, idx, v.transpose(1, 2).to(self.v.dtype))
         return self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)
 
+    def reset(self, pad):
+        """Empty again, for new prompts of the same batch size (generate(keep_decoder=True)): in place, since a
+        captured decoding graph reads these very tensors. Old K/V stay in the slots, masked until overwritten."""
+        self.pad.copy_(pad)
+        self.pos.zero_()
+        self.length = 0
+
     def update_indexer(self, layer, ik):
         self.ik[layer].index_copy_(1, self.pos + self.slots[:ik.shape[1]], ik.to(self.ik.dtype))
         return self.ik[layer]
@@ -627,6 +635,7 @@ class GPT(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """Keep the RoPE tables in float32 when the model is cast (model.to(torch.bfloat16) for decoding)."""
         super()._apply(fn, *args, **kwargs)
+        _KEPT.pop(self, None)  # a kept decoder holds the old tensors
         for name in [n for n, b in self.named_buffers(recurse=False) if n.endswith(("_cos", "_sin"))]:
             setattr(self, name, getattr(self, name).float())
         return self
@@ -705,12 +714,15 @@ class GPT(nn.Module):
     def logits(self, h):
         return F.linear(h, self.head_weight()).float()
 
-    def forward(self, idx, targets=None):
-        """Without targets: float32 logits (B, T, V). With targets (-1 = ignore): mean cross-entropy.
+    def forward(self, idx, targets=None, cache=None):
+        """Without targets: float32 logits (B, T, V), after the KVCache's tokens if one is given (decoding).
+        With targets (-1 = ignore): mean cross-entropy.
         With DSA on (dsa_top_k > 0) and targets: in training mode the objective lm + dsa_loss_weight * L_I, in eval
         mode the LM loss alone; self.last_losses holds both, detached."""
         if targets is None:
-            return self.logits(self.hidden(idx))
+            return self.logits(self.hidden(idx, cache))
+        if cache is not None:
+            raise ValueError("a KV cache is for decoding: forward(idx, cache=...) without targets")
         lm, indexer = self.losses(idx, targets)
         if indexer is None:
             return lm
@@ -750,13 +762,16 @@ class GPT(nn.Module):
     # ---- generation ----
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, use_cache=True, compile_prefill=False):
+                 generator=None, use_cache=True, compile_prefill=False, keep_decoder=False):
         """Batched sampling from prompts of different lengths (a list of lists of token ids).
 
         Returns (tokens, lengths): tokens (B, max_new_tokens) long, padded with eos_id (or 0) after a
         row stops; lengths (B,) the number of new tokens per row, its EOS included. temperature 0 = greedy.
         compile_prefill: the prompt block through compiled_hidden() (eager, its unfused elementwise kernels were
         three quarters of a GRPO prefill's GPU time; BENCHMARKS.md); decoding steps replay CUDA graphs either way.
+        keep_decoder: keep the KV cache (its slots rounded up to a multiple of 128) and the captured decoding graph
+        for the next call with as many rows and as many slots: GRPO's rollouts skip a capture per step, and hold
+        the cache between calls (3 GB at batch 1024 and 256 slots, medium-large).
         """
         device = self.rope_cos.device
         B, longest = len(prompts), max(len(p) for p in prompts)
@@ -770,13 +785,28 @@ class GPT(nn.Module):
         out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        cache = KVCache(self.cfg, B, longest + max_new_tokens, pad, self._compute_dtype(), device) if use_cache else None
         seq = idx
-        if cache is not None:
+        if use_cache:
+            slots = longest + max_new_tokens
+            if keep_decoder:  # a few sizes cover every step's prompts; the Triton kernel skips the unused blocks
+                slots = min(-(-slots // 128) * 128, self.cfg.block_size)
+            key = (B, slots, self._compute_dtype())
+            cache, decode = _KEPT.get(self, {}).get(key, (None, None)) if keep_decoder else (None, None)
+            if cache is None:
+                if keep_decoder:
+                    _KEPT.pop(self, None)  # one kept decoder per model: free the old one before making another
+                cache = KVCache(self.cfg, B, slots, pad, key[2], device)
+            else:
+                cache.reset(pad)
+                if hasattr(decode, "refresh"):
+                    decode.refresh()
             logits = self._prefill(idx, cache, compiled_hidden() if compile_prefill else GPT.hidden)
-            decode = self._decoder(cache, B, device)
+            if decode is None:
+                decode = self._decoder(cache, B, device)
+            if keep_decoder:
+                _KEPT[self] = {key: (cache, decode)}
         for t in range(max_new_tokens):
-            if cache is None:  # a full forward over the (left-padded) sequence each step; for tests and checks
+            if not use_cache:  # a full forward over the (left-padded) sequence each step; for tests and checks
                 logits = self.logits(self._hidden_padded(seq, pad)[:, -1])
             elif t > 0:
                 logits = decode(nxt[:, None])
@@ -789,7 +819,7 @@ class GPT(nn.Module):
                 done |= newly
                 if t % 8 == 7 and bool(done.all()):  # check now and then: each check syncs with the GPU
                     break
-            if cache is None:
+            if not use_cache:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
         return out, lengths
 
@@ -812,11 +842,17 @@ class GPT(nn.Module):
 
     def _decoder(self, cache, B, device):
         """One decoding step, token (B, 1) -> logits (B, V). On CUDA it is captured once as a CUDA graph and
-        replayed: a step is ~300 small kernels whose launch cost would otherwise dominate (BENCHMARKS.md)."""
-        def step(tok):
-            return self.logits(self.hidden(tok, cache)[:, -1])
+        replayed: a step is ~300 small kernels whose launch cost would otherwise dominate (BENCHMARKS.md). The graph
+        reads its own copies of the Linear weights in the autocast dtype, made here and again by .refresh(): autocast's
+        cached casts, which it would read otherwise, are freed when the caller's autocast ends (a kept decoder outlives
+        it) and go stale when an optimizer steps."""
         if not (DECODE_CUDA_GRAPH and device.type == "cuda") or self.cfg.dsa_top_k:
-            return step
+            return lambda tok: self(tok, cache=cache)[:, -1]
+        dt = self._compute_dtype()
+        linear = {f"{n}.weight" for n, m in self.named_modules() if type(m) is nn.Linear}  # what autocast would cast
+        own = {n: p for n, p in self.named_parameters() if n in linear and p.dtype != dt}
+        copies = {n: p.detach().to(dt) for n, p in own.items()}
+        step = lambda tok: torch.func.functional_call(self, copies, (tok,), {"cache": cache})[:, -1]  # noqa: E731
         static_tok = torch.zeros(B, 1, dtype=torch.long, device=device)
         pos, length = cache.pos.clone(), cache.length
         side = torch.cuda.Stream()
@@ -835,6 +871,7 @@ class GPT(nn.Module):
             graph.replay()
             cache.length += 1
             return static_logits
+        replay.refresh = lambda: [copies[n].copy_(p.detach()) for n, p in own.items()]  # the weights as they are now
         return replay
 
     def _compute_dtype(self):
@@ -854,6 +891,9 @@ class GPT(nn.Module):
         no_decay = [p for p in self.parameters() if id(p) not in matmul and p.requires_grad]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+_KEPT = weakref.WeakKeyDictionary()  # model -> {(rows, slots, dtype): (KVCache, decoding step)}: generate(keep_decoder=True)
 
 
 def left_pad(prompts, fill, device):

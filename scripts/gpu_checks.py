@@ -1,7 +1,9 @@
 """GPU correctness checks, run first in every GPU evidence script; exits 1 on any failure:
 1. gradients of the compiled model under bf16 autocast equal eager ones (and are not zero);
-2. generate() replaying CUDA graphs gives the tokens of eager decoding (greedy); a compiled prefill writes the eager
-   prefill's hidden states and KV cache;
+2. generate() replaying CUDA graphs gives the tokens of eager decoding (greedy), also through a decoder kept from a
+   call with other prompts, in another autocast context, before the weights changed (keep_decoder=True, as GRPO's
+   rollouts); a compiled prefill writes the eager prefill's
+   hidden states and KV cache;
 3. PRECISION="fp8": loss and gradients near bf16's on the same weights and batch;
 4. decoding's attention (decode_attend, and kernels.decode_attention, which generate() runs) equals SDPA's
    memory-efficient kernel, and cached greedy decoding gives the tokens of full forwards without a cache;
@@ -54,16 +56,33 @@ with torch.autocast(dev, dtype=torch.bfloat16):
     M.DECODE_CUDA_GRAPH = False
     eager, _ = m.generate(prompts, 24, temperature=0)
     M.DECODE_CUDA_GRAPH = True
+    m.generate(prompts[::-1], 24, temperature=0, keep_decoder=True)  # captures the graph it keeps
+kept_cache = next(iter(M._KEPT[m].values()))[0]
+saved = {k: v.clone() for k, v in m.state_dict().items()}
+with torch.no_grad():  # as an optimizer step between two GRPO rollouts: the weights change in place
+    for p in m.parameters():
+        p.add_(torch.randn_like(p), alpha=0.02)
+with torch.autocast(dev, dtype=torch.bfloat16):  # another autocast context, as each rollout has
+    kept, _ = m.generate(prompts, 24, temperature=0, keep_decoder=True)  # replays it: other prompts, padding, weights
+    fresh, _ = m.generate(prompts, 24, temperature=0)
+reused = next(iter(M._KEPT[m].values()))[0] is kept_cache
+m.load_state_dict(saved)
+with torch.autocast(dev, dtype=torch.bfloat16):
     idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile_prefill=True), compiled vs eager
     caches = [M.KVCache(m.cfg, len(prompts), idx.shape[1] + 8, pad, torch.bfloat16, dev) for _ in range(2)]
     with torch.no_grad():
         h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
 same = (graphed == eager).float().mean().item()
+same_kept = (kept == fresh).float().mean().item()
+moved = (fresh != graphed).float().mean().item()  # the new weights decode other tokens, so stale ones would show
 rel_h = rel_diff(h_comp, h_eager)
 rel_k = rel_diff(caches[1].k, caches[0].k)
-print(f"2. CUDA-graph decode vs eager: {100 * same:.1f}% of greedy tokens equal; compiled prefill vs eager: hidden states "
-      f"{rel_h:.1e}, KV cache {rel_k:.1e} relative difference, cache length {caches[1].length} / {caches[0].length}")
-ok &= same > 0.95 and rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
+print(f"2. CUDA-graph decode vs eager: {100 * same:.1f}% of greedy tokens equal; kept decoder (reused: {reused}) vs a fresh "
+      f"graph after a weight change that moved {100 * moved:.0f}% of tokens: {100 * same_kept:.1f}%; compiled prefill vs "
+      f"eager: hidden states {rel_h:.1e}, KV cache {rel_k:.1e} relative difference, cache length {caches[1].length} / "
+      f"{caches[0].length}")
+ok &= same > 0.95 and same_kept > 0.95 and moved > 0.2 and reused  # stale or freed weights in a kept graph: ~0%
+ok &= rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
 
 M.PRECISION = "fp8"
 m8 = M.GPT(m.cfg).to(dev)

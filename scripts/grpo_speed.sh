@@ -3,7 +3,7 @@
 # steps, then 5 GRPO steps of config/usmle.py at 64 x 16 samples for each micro_batch in MBS (default 256) and each
 # variant in VARIANTS (";"-separated name:grpo.py flags; default base = the two-pass eager step, new = fused old
 # log-probs + compiled forwards), one run after another; the final table has a line per (variant, micro_batch) with the
-# mean phase times of steps 2-5 from each run's log.jsonl (t_rollout, t_logprobs, t_train, t_step) and the step's
+# mean phase times of steps 2-5 from each run's log.jsonl (t_rollout, t_score, t_logprobs, t_train, t_step) and the step's
 # speed-up over the first variant at that micro_batch.
 #   SRC=../shared/data bash scripts/grpo_speed.sh
 #   SRC=../shared/data MBS="64 256" VARIANTS="base:--compile=False;fused:--compile=False --fuse_old_logprobs=True" bash scripts/grpo_speed.sh
@@ -37,7 +37,7 @@ for run in sys.argv[2:]:
     avg = lambda k: sum(r[k] for r in recs) / len(recs)
     seq = sum(r["train_tok_s"] * r["t_train"] for r in recs) / len(recs)
     base.setdefault(mb, avg("t_step"))
-    print(f"{name:>8} micro_batch {mb}: t_rollout {avg('t_rollout'):.2f} s, t_logprobs {avg('t_logprobs'):.2f} s, "
+    print(f"{name:>8} micro_batch {mb}: t_rollout {avg('t_rollout'):.2f} s, t_score {avg('t_score'):.3f} s, t_logprobs {avg('t_logprobs'):.2f} s, "
           f"t_train {avg('t_train'):.2f} s, t_step {avg('t_step'):.2f} s ({base[mb] / avg('t_step'):.2f}x); "
           f"{avg('train_tokens') / avg('t_step'):,.0f} completion and {seq / avg('t_step'):,.0f} sequence tokens/s; "
           f"peak {max(r['mem_gib'] for r in recs):.1f} GiB")

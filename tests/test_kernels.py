@@ -100,3 +100,20 @@ def test_available_without_triton(monkeypatch):
     kernels.available.cache_clear()
     assert not kernels.available()
     kernels.available.cache_clear()  # the next caller looks again, with triton back
+
+
+def test_blocks_without_a_visible_slot_are_not_read():
+    """A kept cache (generate(keep_decoder=True)) is longer than what a row has written: blocks that no row may see are
+    skipped, not read and masked. NaN in those blocks' K and V would otherwise reach the output (0 x NaN)."""
+    B, Hkv, R, D, S = 2, 2, 4, 72, 200
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hkv, R, D, generator=g).half()
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).half() for _ in range(2))
+    key_mask = (torch.arange(S) >= 40) & (torch.arange(S) < 70)  # visible slots in blocks 1 and 2 of 32
+    key_mask = key_mask.expand(B, S).clone()
+    ref = reference(q, k, v, key_mask)
+    for t in (k, v):
+        t[:, :, :32] = float("nan")  # block 0: left padding
+        t[:, :, 96:] = float("nan")  # blocks 3..6: not written yet
+    out = kernels.decode_attention(q, k, v, key_mask, block_s=32)
+    assert (out.float() - ref).abs().max().item() < 5e-3

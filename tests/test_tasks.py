@@ -1,6 +1,7 @@
 import json
 import os
 import random
+from collections import Counter
 import subprocess
 import sys
 
@@ -144,6 +145,31 @@ def test_runaway_repetition_matches_a_loop_over_periods():
         flagged += expected
         assert has_runaway_repetition(seq, ngram=0) == expected, seq
     assert 50 < flagged < 350  # both outcomes well represented
+
+
+def test_runaway_repetition_rows_match_counted_ngrams_and_one_row_at_a_time():
+    """runaway_repetition_rows (what grpo.score() calls, rows of different lengths padded into one array) against the
+    n-gram rule written with a Counter (periodic rule off), and against each row alone (both rules)."""
+    def ngram_by_counter(a, ngram, count):
+        windows = Counter(tuple(a[i:i + ngram]) for i in range(len(a) - ngram + 1))
+        return bool(windows) and max(windows.values()) >= count
+    rng = random.Random(1)
+    rows = []
+    for _ in range(600):
+        seq = [rng.randrange(rng.choice([2, 5, 50])) for _ in range(rng.randrange(0, 70))]
+        if rng.random() < 0.5:
+            unit = [rng.randrange(9) for _ in range(rng.randrange(1, 25))]
+            for _ in range(rng.randrange(1, 4)):
+                at = rng.randrange(len(seq) + 1)
+                seq[at:at] = unit
+        rows.append(seq)
+    for ngram, count in ((16, 3), (16, 2), (8, 2), (6, 3)):
+        expected = [ngram_by_counter(r, ngram, count) for r in rows]
+        got = tasks.runaway_repetition_rows(rows, max_period=0, ngram=ngram, max_ngram_count=count)
+        assert got.tolist() == expected
+        assert 10 < sum(expected) < 590  # both outcomes represented
+    together = tasks.runaway_repetition_rows(rows)
+    assert together.tolist() == [has_runaway_repetition(r) for r in rows]
 
 
 @needs_shared
