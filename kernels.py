@@ -7,7 +7,8 @@ bf16) decode_attend's two cuBLAS batched matmuls take ~300 us per layer on an H1
 (216 MB) would take ~65 us at 3.35 TB/s (BENCHMARKS.md, scripts/decode_attention.py). That read is the target.
 Measured (H100, torch 2.11, triton 3.6, batch 1024): 95 us at 183 slots (2.3 TB/s of K+V; decode_attend 333 us),
 188 us at 400 (306 us), 445 us at 1024 (2.7 TB/s); the defaults (32 slots a block, 1 warp, 2 stages) were the
-fastest of 64 settings or within 1% of it at each length; BLOCK_S 128 with 1 warp was 3-5x slower.
+fastest of 64 settings or within 1% of it at each length; BLOCK_S 128 with 1 warp was 3-5x slower. Since
+fully masked blocks are skipped: 79 us at 183 slots, rows starting at random slots (scripts/decode_attention.py).
 
 How: one program per (batch row, KV head) reads that head's K and V once, in blocks of BLOCK_S slots, with an
 online (flash) softmax in float32; its R query rows share every K/V block. Blocks with no visible slot are not read
