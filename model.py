@@ -791,7 +791,8 @@ class GPT(nn.Module):
             if keep_decoder:  # a few sizes cover every step's prompts; the Triton kernel skips the unused blocks
                 slots = min(-(-slots // 128) * 128, self.cfg.block_size)
             key = (B, slots, self._compute_dtype())
-            cache, decode = _KEPT.get(self, {}).get(key, (None, None)) if keep_decoder else (None, None)
+            kept = _KEPT.get(self) if keep_decoder else None
+            cache, decode = kept[1:] if kept and kept[0] == key else (None, None)
             if cache is None:
                 if keep_decoder:
                     _KEPT.pop(self, None)  # one kept decoder per model: free the old one before making another
@@ -804,7 +805,7 @@ class GPT(nn.Module):
             if decode is None:
                 decode = self._decoder(cache, B, device)
             if keep_decoder:
-                _KEPT[self] = {key: (cache, decode)}
+                _KEPT[self] = (key, cache, decode)
         for t in range(max_new_tokens):
             if not use_cache:  # a full forward over the (left-padded) sequence each step; for tests and checks
                 logits = self.logits(self._hidden_padded(seq, pad)[:, -1])
@@ -893,7 +894,7 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-_KEPT = weakref.WeakKeyDictionary()  # model -> {(rows, slots, dtype): (KVCache, decoding step)}: generate(keep_decoder=True)
+_KEPT = weakref.WeakKeyDictionary()  # model -> ((rows, slots, dtype), KVCache, decoding step): generate(keep_decoder=True)
 
 
 def left_pad(prompts, fill, device):

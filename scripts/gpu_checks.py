@@ -57,7 +57,7 @@ with torch.autocast(dev, dtype=torch.bfloat16):
     eager, _ = m.generate(prompts, 24, temperature=0)
     M.DECODE_CUDA_GRAPH = True
     m.generate(prompts[::-1], 24, temperature=0, keep_decoder=True)  # captures the graph it keeps
-kept_cache = next(iter(M._KEPT[m].values()))[0]
+kept_cache = M._KEPT[m][1]
 saved = {k: v.clone() for k, v in m.state_dict().items()}
 with torch.no_grad():  # as an optimizer step between two GRPO rollouts: the weights change in place
     for p in m.parameters():
@@ -65,7 +65,7 @@ with torch.no_grad():  # as an optimizer step between two GRPO rollouts: the wei
 with torch.autocast(dev, dtype=torch.bfloat16):  # another autocast context, as each rollout has
     kept, _ = m.generate(prompts, 24, temperature=0, keep_decoder=True)  # replays it: other prompts, padding, weights
     fresh, _ = m.generate(prompts, 24, temperature=0)
-reused = next(iter(M._KEPT[m].values()))[0] is kept_cache
+reused = M._KEPT[m][1] is kept_cache
 m.load_state_dict(saved)
 with torch.autocast(dev, dtype=torch.bfloat16):
     idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile_prefill=True), compiled vs eager

@@ -120,15 +120,15 @@ def test_kept_decoder_is_reused_and_decodes_like_a_fresh_one():
     first = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
     second = [[9, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]]  # other lengths, so other left padding
     kept_first, _ = m.generate(first, 12, temperature=0, keep_decoder=True)
-    (key, (cache, _)), = M._KEPT[m].items()
+    key, cache, _ = M._KEPT[m]
     assert key[:2] == (3, 128) and cache.k.shape[3] == 128
     kept_second, _ = m.generate(second, 12, temperature=0, keep_decoder=True)
-    assert M._KEPT[m][key][0] is cache  # the same tensors: no new cache, no new capture
+    assert M._KEPT[m][:2] == (key, cache)  # the same tensors: no new cache, no new capture
     for prompts, kept in ((first, kept_first), (second, kept_second)):
         assert torch.equal(kept, m.generate(prompts, 12, temperature=0)[0])
-    assert M._KEPT[m][key][0] is cache  # calls that keep nothing leave it alone
+    assert M._KEPT[m][:2] == (key, cache)  # calls that keep nothing leave it alone
     m.generate(second[:2], 12, temperature=0, keep_decoder=True)
-    assert list(M._KEPT[m]) == [(2, 128, torch.float32)]  # one kept decoder per model
+    assert M._KEPT[m][0] == (2, 128, torch.float32)  # one kept decoder per model: the other went
     m.float()
     assert m not in M._KEPT
     with pytest.raises(ValueError, match="a KV cache is for decoding"):
