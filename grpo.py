@@ -105,7 +105,7 @@ dtype = "auto"  # autocast dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bf
 attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
 residual = "autocast"  # model.RESIDUAL: "autocast" (the residual stream in bf16) | "fp32"
 checkpoint_activations = False  # recompute blocks in backward (train passes only): less memory, ~25% more compute
-compile = False  # torch.compile the log-prob and update forwards and the rollouts' prefill; decoding steps keep their CUDA graphs
+compile = False  # torch.compile the log-prob and update forwards, the rollouts' prefill and their decoding blocks (inside the CUDA graph)
 seed = 1337
 scratch_preset = "debug"  # init_from="scratch": this model preset with a char tokenizer over the tasks' characters
 show_samples = 2  # completions printed at each evaluation
@@ -312,7 +312,7 @@ def rollout(model, prompt_ids, cfg, eos_id, autocast=nullcontext()):
     for i in range(0, len(rows), cfg["rollout_batch"]):
         with autocast:
             out, n = model.generate(rows[i:i + cfg["rollout_batch"]], cfg["max_new_tokens"], cfg["temperature"],
-                                    cfg["top_k"] or None, cfg["top_p"], eos_id, compile_prefill=cfg["compile"],
+                                    cfg["top_k"] or None, cfg["top_p"], eos_id, compile=cfg["compile"],
                                     keep_decoder=cfg["keep_decoder"])
         outs.append(out.cpu())
         lens.append(n.cpu())

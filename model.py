@@ -471,8 +471,6 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None, irope=None, indexer_loss=False):
-        B, T, _ = x.shape
-        hq = self.n_head * self.head_dim
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -481,7 +479,11 @@ class Attention(nn.Module):
             y = attend(q, k, v, mask, dropout_p)
         else:
             y = self.sparse(x, q, k, v, cache, layer, mask, irope, indexer_loss, dropout_p)
-        return F.dropout(self.proj(y.reshape(B, T, hq)), self.dropout, self.training)
+        return self.out(y)
+
+    def out(self, y):
+        """Attention's output (B, T, H, D) -> the output projection (B, T, d)."""
+        return F.dropout(self.proj(y.flatten(2)), self.dropout, self.training)
 
     def sparse(self, x, q, k, v, cache, layer, mask, irope, indexer_loss, dropout_p):
         """DSA: the indexer, the top-k selection (sparse stage) and the indexer's KL loss (when asked, no cache)."""
@@ -714,13 +716,14 @@ class GPT(nn.Module):
     def logits(self, h):
         return F.linear(h, self.head_weight()).float()
 
-    def forward(self, idx, targets=None, cache=None):
-        """Without targets: float32 logits (B, T, V), after the KVCache's tokens if one is given (decoding).
+    def forward(self, idx, targets=None, cache=None, block_fn=None):
+        """Without targets: float32 logits (B, T, V), after the KVCache's tokens if one is given (decoding);
+        block_fn as in hidden() (decoding steps pass decode_block_fn()'s).
         With targets (-1 = ignore): mean cross-entropy.
         With DSA on (dsa_top_k > 0) and targets: in training mode the objective lm + dsa_loss_weight * L_I, in eval
         mode the LM loss alone; self.last_losses holds both, detached."""
         if targets is None:
-            return self.logits(self.hidden(idx, cache))
+            return self.logits(self.hidden(idx, cache, block_fn=block_fn))
         if cache is not None:
             raise ValueError("a KV cache is for decoding: forward(idx, cache=...) without targets")
         lm, indexer = self.losses(idx, targets)
@@ -762,16 +765,18 @@ class GPT(nn.Module):
     # ---- generation ----
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, use_cache=True, compile_prefill=False, keep_decoder=False):
+                 generator=None, use_cache=True, compile=False, keep_decoder=False):
         """Batched sampling from prompts of different lengths (a list of lists of token ids).
 
         Returns (tokens, lengths): tokens (B, max_new_tokens) long, padded with eos_id (or 0) after a
         row stops; lengths (B,) the number of new tokens per row, its EOS included. temperature 0 = greedy.
-        compile_prefill: the prompt block through compiled_hidden() (eager, its unfused elementwise kernels were
-        three quarters of a GRPO prefill's GPU time; BENCHMARKS.md); decoding steps replay CUDA graphs either way.
+        compile: the prompt block through compiled_hidden() (eager, its unfused elementwise kernels were three
+        quarters of a GRPO prefill's GPU time), and on CUDA the decoding step's blocks as decode_block_fn's compiled
+        halves (1.5-1.9x a GRPO rollout; BENCHMARKS.md); decoding steps replay CUDA graphs either way. Compiling
+        costs seconds once per process: worth it for many calls (GRPO), not for one (sample.py).
         keep_decoder: keep the KV cache (its slots rounded up to a multiple of 128) and the captured decoding graph
-        for the next call with as many rows and as many slots: GRPO's rollouts skip a capture per step, and hold
-        the cache between calls (3 GB at batch 1024 and 256 slots, medium-large).
+        for the next call with as many rows, at most as many slots and the same compile: GRPO's rollouts skip a capture
+        per step, and hold the cache between calls (3 GB at batch 1024 and 256 slots, medium-large).
         """
         device = self.rope_cos.device
         B, longest = len(prompts), max(len(p) for p in prompts)
@@ -790,9 +795,12 @@ class GPT(nn.Module):
             slots = longest + max_new_tokens
             if keep_decoder:  # a few sizes cover every step's prompts; the Triton kernel skips the unused blocks
                 slots = min(-(-slots // 128) * 128, self.cfg.block_size)
-            key = (B, slots, self._compute_dtype())
+            key = (B, slots, self._compute_dtype(), compile)
             kept = _KEPT.get(self) if keep_decoder else None
-            cache, decode = kept[1:] if kept and kept[0] == key else (None, None)
+            if kept and kept[0][0] == B and kept[0][2:] == key[2:] and kept[0][1] >= slots:  # a longer kept cache serves too
+                key, cache, decode = kept
+            else:
+                cache, decode = None, None
             if cache is None:
                 if keep_decoder:
                     _KEPT.pop(self, None)  # one kept decoder per model: free the old one before making another
@@ -801,17 +809,19 @@ class GPT(nn.Module):
                 cache.reset(pad)
                 if hasattr(decode, "refresh"):
                     decode.refresh()
-            logits = self._prefill(idx, cache, compiled_hidden() if compile_prefill else GPT.hidden)
+            logits = self._prefill(prompts, idx, cache, compiled_hidden() if compile else GPT.hidden)
             if decode is None:
-                decode = self._decoder(cache, B, device)
+                decode = self._decoder(cache, B, device, compile)
             if keep_decoder:
                 _KEPT[self] = (key, cache, decode)
+        checksum = torch.zeros((), device=device)  # NaN or inf once any sampled logit is: checked once, after the loop
         for t in range(max_new_tokens):
             if not use_cache:  # a full forward over the (left-padded) sequence each step; for tests and checks
                 logits = self.logits(self._hidden_padded(seq, pad)[:, -1])
             elif t > 0:
                 logits = decode(nxt[:, None])
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            checksum += logits.gather(1, nxt[:, None]).sum()  # a NaN hidden state makes its row's every logit NaN
             nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
             out[:, t] = nxt
             if eos_id is not None:
@@ -822,16 +832,25 @@ class GPT(nn.Module):
                     break
             if not use_cache:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if not torch.isfinite(checksum):
+            raise RuntimeError("generate(): the model's logits are NaN or inf (its weights, or a state they produce)")
         return out, lengths
 
-    def _prefill(self, idx, cache, hidden):
+    def _prefill(self, prompts, idx, cache, hidden):
         """Logits after each row's prompt, its K/V written to the cache. Rows that repeat a prompt (GRPO samples G per
-        prompt) share one forward: only the distinct rows run, and their cache rows are copied to the repeats."""
-        rows, inv = torch.unique(torch.cat([idx, cache.pad[:, None]], 1), dim=0, return_inverse=True)
-        if len(rows) == len(idx):
+        prompt) share one forward: only the distinct rows run, and their cache rows are copied to the repeats. The
+        repeats are found on the host, from the lists (torch.unique on the GPU took ~2 ms and a sync at 256 rows)."""
+        distinct, firsts, inv = {}, [], []  # prompt -> its index among the distinct ones; their first rows; each row's
+        for r, p in enumerate(prompts):
+            j = distinct.setdefault(tuple(p), len(distinct))
+            if j == len(firsts):
+                firsts.append(r)
+            inv.append(j)
+        if len(firsts) == len(idx):
             return self.logits(hidden(self, idx, cache)[:, -1])
-        small = KVCache(self.cfg, len(rows), idx.shape[1], rows[:, -1], cache.k.dtype, idx.device)
-        h = hidden(self, rows[:, :-1], small)[:, -1]
+        firsts, inv = torch.tensor(firsts, device=idx.device), torch.tensor(inv, device=idx.device)
+        small = KVCache(self.cfg, len(firsts), idx.shape[1], cache.pad[firsts], cache.k.dtype, idx.device)
+        h = hidden(self, idx[firsts], small)[:, -1]
         n = idx.shape[1]
         for layer in range(self.cfg.n_layer):  # a layer at a time: no second copy of the whole cache
             cache.k[layer, :, :, :n].copy_(small.k[layer, inv])
@@ -841,19 +860,21 @@ class GPT(nn.Module):
         cache.advance(n)
         return self.logits(h)[inv]
 
-    def _decoder(self, cache, B, device):
+    def _decoder(self, cache, B, device, compile=False):
         """One decoding step, token (B, 1) -> logits (B, V). On CUDA it is captured once as a CUDA graph and
-        replayed: a step is ~300 small kernels whose launch cost would otherwise dominate (BENCHMARKS.md). The graph
-        reads its own copies of the Linear weights in the autocast dtype, made here and again by .refresh(): autocast's
-        cached casts, which it would read otherwise, are freed when the caller's autocast ends (a kept decoder outlives
-        it) and go stale when an optimizer steps."""
+        replayed, its blocks eager or (compile) through decode_block_fn's compiled halves: a step is 980 small kernels
+        (300 compiled) whose launch cost would otherwise dominate (BENCHMARKS.md). The graph reads its own copies of the
+        Linear weights in the autocast dtype, made here and again by .refresh(): autocast's cached casts, which it would
+        read otherwise, are freed when the caller's autocast ends (a kept decoder outlives it) and go stale when an
+        optimizer steps."""
         if not (DECODE_CUDA_GRAPH and device.type == "cuda") or self.cfg.dsa_top_k:
             return lambda tok: self(tok, cache=cache)[:, -1]
         dt = self._compute_dtype()
         linear = {f"{n}.weight" for n, m in self.named_modules() if type(m) is nn.Linear}  # what autocast would cast
         own = {n: p for n, p in self.named_parameters() if n in linear and p.dtype != dt}
         copies = {n: p.detach().to(dt) for n, p in own.items()}
-        step = lambda tok: torch.func.functional_call(self, copies, (tok,), {"cache": cache})[:, -1]  # noqa: E731
+        kw = {"cache": cache, "block_fn": decode_block_fn() if compile else None}
+        step = lambda tok: torch.func.functional_call(self, copies, (tok,), kw)[:, -1]  # noqa: E731
         static_tok = torch.zeros(B, 1, dtype=torch.long, device=device)
         pos, length = cache.pos.clone(), cache.length
         side = torch.cuda.Stream()
@@ -894,7 +915,7 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-_KEPT = weakref.WeakKeyDictionary()  # model -> ((rows, slots, dtype), KVCache, decoding step): generate(keep_decoder=True)
+_KEPT = weakref.WeakKeyDictionary()  # model -> ((rows, slots, dtype, compile), KVCache, decoding step): generate(keep_decoder=True)
 
 
 def left_pad(prompts, fill, device):
@@ -942,13 +963,42 @@ def compiled_hidden():
     return lambda model, idx, cache=None, layout=None: model.hidden(idx, cache, layout=layout, block_fn=block_fn)
 
 
+def _attn_in(block, x, cos, sin):
+    """A block up to attention: its norm, q/k/v, QK-norm and RoPE (decode_block_fn compiles it as one piece)."""
+    return block.attn.project(block.attn_norm(x), cos, sin)
+
+
+def _attn_out(block, x, y):
+    """A block after attention: output projection and residual, then the MLP and its residual."""
+    x = x + block.attn.out(y)
+    return x + block.mlp(block.mlp_norm(x))
+
+
+@functools.cache
+def decode_block_fn(compiled=True):
+    """Block.forward for a decoding step (a block_fn for hidden()) as two halves, each compiled, around the cache
+    write and attention, which stay eager: compiled, the write into the cache (a CUDA graph's input) copied whole
+    cache layers (BENCHMARKS.md). At GRPO's batch a step is bound by its kernel count: 49 small ones per layer eager
+    (norms in float32, RoPE, SwiGLU), 15 this way, 2.1x faster at 256 rows. Dense blocks only (no DSA)."""
+    pre, post = (torch.compile(f) if compiled else f for f in (_attn_in, _attn_out))
+
+    def block_fn(block, x, cos, sin, cache, layer, mask, irope=None, indexer_loss=False):
+        q, k, v = pre(block, x, cos, sin)
+        k, v = cache.update(layer, k, v)
+        return post(block, x, attend(q, k, v, mask))
+    return block_fn
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from float logits (B, V). temperature 0 = argmax."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    # torch.multinomial(probs, 1)'s own draw, argmax(probs / E) with E ~ Exp(1), the same tokens from the same
+    # generator, without its check that probs are finite, which syncs with the GPU at every step (generate checks once)
+    return probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -1,12 +1,12 @@
 """GPU correctness checks, run first in every GPU evidence script; exits 1 on any failure:
 1. gradients of the compiled model under bf16 autocast equal eager ones (and are not zero);
-2. generate() replaying CUDA graphs gives the tokens of eager decoding (greedy), also through a decoder kept from a
-   call with other prompts, in another autocast context, before the weights changed (keep_decoder=True, as GRPO's
-   rollouts); a compiled prefill writes the eager prefill's
-   hidden states and KV cache;
+2. generate()'s CUDA-graphed decoding step (its blocks eager, and as decode_block_fn's compiled halves) gives the logits
+   of eager steps on the same tokens; a decoder kept from a call with other prompts, in another autocast context,
+   before the weights changed (compile=True, keep_decoder=True, as GRPO's rollouts) decodes as a fresh one; a compiled
+   prefill writes the eager prefill's hidden states and KV cache;
 3. PRECISION="fp8": loss and gradients near bf16's on the same weights and batch;
 4. decoding's attention (decode_attend, and kernels.decode_attention, which generate() runs) equals SDPA's
-   memory-efficient kernel, and cached greedy decoding gives the tokens of full forwards without a cache;
+   memory-efficient kernel, and cached decoding steps give the logits of full forwards without a cache;
 5. where flash-attn is installed: ATTENTION="flash" gives SDPA's outputs and gradients at head_dim 72 with GQA, and
    the compiled model's gradients under it equal SDPA's;
 6. GRPO's shared-prompt rows (grpo.pack_rows share=512: a prompt once, its completions after it under a mask) give the
@@ -51,24 +51,54 @@ print(f"1. compiled vs eager: loss {l0:.5f} / {l1:.5f}, grad-norm {g0.norm():.4f
 ok &= g1.norm().item() > 0 and rel < 0.05
 
 prompts = [list(range(5, 5 + n)) for n in (7, 3, 12, 1)]
+
+
+def forced_logits(way, tokens, compiled=False):
+    """Logits of each decoding step after prompts, each step fed tokens' column (teacher forcing: a near-tie that
+    flips a greedy token changes that one argmax, not the rest of its row): way = "graph" (generate()'s CUDA graph),
+    "cache" (eager steps on a KV cache) or "uncached" (a full forward over the sequence so far); compiled: the graph's
+    blocks as decode_block_fn's compiled halves (generate(compile=True))."""
+    idx, pad = M.left_pad(prompts, 0, dev)
+    out = []
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+        if way == "uncached":
+            for t in range(tokens.shape[1]):
+                out.append(m.logits(m._hidden_padded(torch.cat([idx, tokens[:, :t]], 1), pad)[:, -1]))
+        else:
+            cache = M.KVCache(m.cfg, len(prompts), idx.shape[1] + tokens.shape[1], pad, torch.bfloat16, dev)
+            out.append(m(idx, cache=cache)[:, -1])
+            step = m._decoder(cache, len(prompts), torch.device(dev), compiled) if way == "graph" else lambda tok: m(tok, cache=cache)[:, -1]
+            out += [step(tokens[:, t:t + 1]).clone() for t in range(tokens.shape[1] - 1)]
+    return torch.stack(out, 1)
+
+
+def agree(a, b):
+    """(relative difference, share of equal argmaxes) of two forced_logits."""
+    return rel_diff(a, b), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
 with torch.autocast(dev, dtype=torch.bfloat16):
     graphed, _ = m.generate(prompts, 24, temperature=0)
     M.DECODE_CUDA_GRAPH = False
     eager, _ = m.generate(prompts, 24, temperature=0)
     M.DECODE_CUDA_GRAPH = True
-    m.generate(prompts[::-1], 24, temperature=0, keep_decoder=True)  # captures the graph it keeps
+by_cache = forced_logits("cache", eager)
+rel_e, same_e = agree(forced_logits("graph", eager), by_cache)
+rel_c, same_c = agree(forced_logits("graph", eager, compiled=True), by_cache)
+with torch.autocast(dev, dtype=torch.bfloat16):
+    m.generate(prompts[::-1], 24, temperature=0, compile=True, keep_decoder=True)  # captures the graph it keeps, as GRPO
 kept_cache = M._KEPT[m][1]
 saved = {k: v.clone() for k, v in m.state_dict().items()}
 with torch.no_grad():  # as an optimizer step between two GRPO rollouts: the weights change in place
     for p in m.parameters():
         p.add_(torch.randn_like(p), alpha=0.02)
 with torch.autocast(dev, dtype=torch.bfloat16):  # another autocast context, as each rollout has
-    kept, _ = m.generate(prompts, 24, temperature=0, keep_decoder=True)  # replays it: other prompts, padding, weights
-    fresh, _ = m.generate(prompts, 24, temperature=0)
+    kept, _ = m.generate(prompts, 24, temperature=0, compile=True, keep_decoder=True)  # replays it: other prompts, padding, weights
+    fresh, _ = m.generate(prompts, 24, temperature=0, compile=True)
 reused = M._KEPT[m][1] is kept_cache
 m.load_state_dict(saved)
 with torch.autocast(dev, dtype=torch.bfloat16):
-    idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile_prefill=True), compiled vs eager
+    idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile=True), compiled vs eager
     caches = [M.KVCache(m.cfg, len(prompts), idx.shape[1] + 8, pad, torch.bfloat16, dev) for _ in range(2)]
     with torch.no_grad():
         h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
@@ -77,11 +107,13 @@ same_kept = (kept == fresh).float().mean().item()
 moved = (fresh != graphed).float().mean().item()  # the new weights decode other tokens, so stale ones would show
 rel_h = rel_diff(h_comp, h_eager)
 rel_k = rel_diff(caches[1].k, caches[0].k)
-print(f"2. CUDA-graph decode vs eager: {100 * same:.1f}% of greedy tokens equal; kept decoder (reused: {reused}) vs a fresh "
-      f"graph after a weight change that moved {100 * moved:.0f}% of tokens: {100 * same_kept:.1f}%; compiled prefill vs "
-      f"eager: hidden states {rel_h:.1e}, KV cache {rel_k:.1e} relative difference, cache length {caches[1].length} / "
-      f"{caches[0].length}")
-ok &= same > 0.95 and same_kept > 0.95 and moved > 0.2 and reused  # stale or freed weights in a kept graph: ~0%
+print(f"2. CUDA-graph decode vs eager steps on a cache, teacher-forced: logits' relative difference {rel_c:.1e} with compiled "
+      f"halves ({100 * same_c:.1f}% of argmaxes equal), {rel_e:.1e} with eager blocks ({100 * same_e:.1f}%); free-running "
+      f"greedy: {100 * same:.1f}% of tokens equal; kept decoder (reused: {reused}) vs a fresh graph after a weight change "
+      f"that moved {100 * moved:.0f}% of tokens: {100 * same_kept:.1f}%; compiled prefill vs eager: hidden states "
+      f"{rel_h:.1e}, KV cache {rel_k:.1e} relative difference, cache length {caches[1].length} / {caches[0].length}")
+ok &= max(rel_c, rel_e) < 0.03 and min(same_c, same_e) > 0.9  # a lost cache write or a wrong position: ~1 and ~0%
+ok &= same_kept > 0.95 and moved > 0.2 and reused  # stale or freed weights in a kept graph: ~0%
 ok &= rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
 
 M.PRECISION = "fp8"
@@ -98,12 +130,10 @@ mask = torch.arange(S, device=dev)[None, None, None, :] >= torch.randint(0, S - 
 sdpa = M._masked_sdpa(q, k, v, mask, 0.0).float()
 err = (M.decode_attend(q, k, v, mask).float() - sdpa).abs().max().item()
 err_t = 0.0 if dev == "cpu" else (kernels.decode_attention(q, k, v, mask[:, 0, 0]).float() - sdpa).abs().max().item()
-with torch.autocast(dev, dtype=torch.bfloat16):
-    uncached, _ = m.generate(prompts, 24, temperature=0, use_cache=False)
-same = (graphed == uncached).float().mean().item()
+rel_u, same_u = agree(by_cache, forced_logits("uncached", eager))
 print(f"4. vs SDPA, max abs difference: decode_attend {err:.2e}, the Triton kernel {err_t:.2e} (0: CPU); cached vs "
-      f"uncached decoding: {100 * same:.1f}% of greedy tokens equal")
-ok &= err < 2e-2 and err_t < 2e-2 and same > 0.75  # different kernels: a near-tie flips a token and the rest of its row; a broken cache gives ~0%
+      f"uncached decoding, teacher-forced: logits' relative difference {rel_u:.1e}, {100 * same_u:.1f}% of argmaxes equal")
+ok &= err < 2e-2 and err_t < 2e-2 and rel_u < 0.03 and same_u > 0.9  # a broken cache: ~1 and ~0%
 try:
     flash = M._load_flash()
 except RuntimeError as e:

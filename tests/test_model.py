@@ -115,7 +115,8 @@ def test_batched_generation_of_different_lengths_matches_one_by_one():
 def test_kept_decoder_is_reused_and_decodes_like_a_fresh_one():
     """generate(keep_decoder=True), as GRPO's rollouts call it: the second call with as many rows reuses the first
     call's cache (its slots rounded up to 128, the stale K/V of the first prompts still in them, masked) and gives a
-    fresh call's greedy tokens; another batch size replaces it; moving the model drops it."""
+    fresh call's greedy tokens; a call that needs more slots replaces it, and that longer cache serves shorter prompts;
+    another batch size replaces it; moving the model drops it."""
     m = tiny()
     first = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
     second = [[9, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]]  # other lengths, so other left padding
@@ -127,8 +128,13 @@ def test_kept_decoder_is_reused_and_decodes_like_a_fresh_one():
     for prompts, kept in ((first, kept_first), (second, kept_second)):
         assert torch.equal(kept, m.generate(prompts, 12, temperature=0)[0])
     assert M._KEPT[m][:2] == (key, cache)  # calls that keep nothing leave it alone
+    m.generate([[7] * 130, [1, 2], [3]], 12, temperature=0, keep_decoder=True)  # 142 slots: a 256-slot cache replaces it
+    key256, cache256, _ = M._KEPT[m]
+    assert key256[:2] == (3, 256)
+    again, _ = m.generate(second, 12, temperature=0, keep_decoder=True)  # 22 slots: the longer kept cache serves
+    assert M._KEPT[m][1] is cache256 and torch.equal(again, kept_second)
     m.generate(second[:2], 12, temperature=0, keep_decoder=True)
-    assert M._KEPT[m][0] == (2, 128, torch.float32)  # one kept decoder per model: the other went
+    assert M._KEPT[m][0] == (2, 128, torch.float32, False)  # one kept decoder per model: the other went
     m.float()
     assert m not in M._KEPT
     with pytest.raises(ValueError, match="a KV cache is for decoding"):
@@ -156,6 +162,47 @@ def test_sampling_filters():
     g = torch.Generator().manual_seed(0)
     draws = [M.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(5)]
     assert draws == [3] * 5
+
+
+def test_sampling_draws_what_multinomial_draws():
+    """sample_next's draw without torch.multinomial (whose check synced with the GPU every step) gives multinomial's
+    very tokens from the same generator state, here over 64 rows x 5 draws."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(5):
+        want = torch.multinomial(torch.softmax(logits, -1), 1, generator=g1).squeeze(1)
+        assert torch.equal(M.sample_next(logits, 1.0, generator=g2), want)
+    assert M.sample_next(logits, 1.0).unique().numel() > 30  # sampled, not argmax
+
+
+def test_nan_logits_stop_generation_with_one_error():
+    m = tiny()
+    with torch.no_grad():
+        m.blocks[1].mlp.down.weight[0, 0] = float("nan")
+    for temperature in (1.0, 0):
+        with pytest.raises(RuntimeError, match="logits are NaN or inf"):
+            m.generate([[1, 2, 3], [4, 5]], 4, temperature=temperature)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decode_block_fn_steps_as_blocks_do(compiled):
+    """The decoding step's block as two halves around the cache write and attention (compiled: inductor on the CPU)
+    gives the logits of Block.forward, step after step, and writes the same cache."""
+    m = tiny()
+    prompts = torch.randint(0, 320, (3, 5), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([0, 2, 4])
+    caches = [KVCache(m.cfg, 3, 9, pad, torch.float32, "cpu") for _ in range(2)]
+    fn = M.decode_block_fn(compiled)
+    with torch.no_grad():
+        for c in caches:
+            m(prompts, cache=c)
+        tok = prompts[:, -1:]
+        for _ in range(4):
+            want = m(tok, cache=caches[0])
+            got = m(tok, cache=caches[1], block_fn=fn)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+    assert torch.allclose(caches[0].k, caches[1].k, atol=1e-6) and torch.equal(caches[0].pos, caches[1].pos)
 
 
 def test_prompt_longer_than_context_is_one_clear_error():
@@ -297,12 +344,12 @@ def test_residual_stream_in_the_autocast_dtype(monkeypatch):
 
 
 def test_compiled_prefill_gives_the_eager_tokens():
-    """generate(compile_prefill=True): the prompt block through torch.compile (inductor on the CPU, ~20 s) writes the
+    """generate(compile=True): the prompt block through torch.compile (inductor on the CPU, ~20 s) writes the
     same KV cache, so greedy decoding continues to the same tokens, for two prompt-block shapes."""
     m = tiny()
     for prompts in ([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], [[3] * 9, [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]):
         eager, n_eager = m.generate(prompts, 6, temperature=0)
-        compiled, n_compiled = m.generate(prompts, 6, temperature=0, compile_prefill=True)
+        compiled, n_compiled = m.generate(prompts, 6, temperature=0, compile=True)
         assert torch.equal(eager, compiled) and torch.equal(n_eager, n_compiled)
 
 
