@@ -27,7 +27,7 @@ policy = M.GPT(M.make_config("medium-large")).to(dev)
 ref = copy.deepcopy(policy).eval()
 opt = policy.configure_optimizer(1e-5, 0.0, (0.9, 0.99), "cuda")
 g = torch.Generator().manual_seed(0)
-P, G, L = 64, 16, 32
+P, G, L = int(os.environ.get("P", 64)), 16, 32  # P=16: config/usmle.py's own step
 lens = torch.normal(55.0, 18.0, (P,), generator=g).clamp(26, 224).long().tolist()
 prompts = [p for p in (torch.randint(0, 50000, (n,), generator=g).tolist() for n in lens) for _ in range(G)]
 completions = [torch.randint(0, 50000, (L,), generator=g).tolist() for _ in range(P * G)]

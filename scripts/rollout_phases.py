@@ -1,12 +1,15 @@
 """Where generate()'s time goes at GRPO's shape (medium-large, random weights, 1024 rows of 30-119-token prompts, 32
 new tokens, bf16 autocast): the eager prefill, the CUDA graph capture and the decoding steps, then a kernel profile
-of the prefill alone (PROFILE=0 skips it); last, generate() with compile_prefill=True as GRPO calls it, for 64 prompts x
+of the prefill alone (PROFILE=0 skips it); last, generate() with compile=True as GRPO calls it, for 64 prompts x
 16 samples (repeated rows share one prefill) against 1024 distinct prompts of the same lengths (every row prefilled).
     python scripts/rollout_phases.py
 `python scripts/rollout_phases.py decode` times only a decoding step's parts at this shape: the CUDA graph replay (with
 the Triton attention kernel, then with decode_attend), the sampling of the next token, and the kernels of one eager
 step. `python scripts/rollout_phases.py kernel`: whole generate() calls at bench.py's decoding shape (128-token prompts,
-256 new tokens, bf16 weights, batch 256 and 1024) with decode_attend, then with the Triton kernel."""
+256 new tokens, bf16 weights, batch 256 and 1024) with decode_attend, then with the Triton kernel.
+`python scripts/rollout_phases.py halves`: a decoding step replayed at batch 256 and 1024 with eager blocks and with
+decode_block_fn's compiled halves (time, kernel count), then GRPO's kept-decoder generate() at 16 and 64 prompts x 16
+samples: eager blocks with torch.multinomial, with the sync-free sampler, and compiled halves."""
 import os
 import sys
 import time
@@ -50,6 +53,62 @@ if sys.argv[1:] == ["kernel"]:  # whole generate() calls, bench.py's decode shap
                 sync(); res[k] = B * 256 / (time.perf_counter() - t0)
         print(f"batch {B}: decode_attend {res[False]:,.0f} new tokens/s, Triton kernel {res[True]:,.0f} "
               f"({res[True] / res[False]:.2f}x)", flush=True)
+    sys.exit(0)
+if sys.argv[1:] == ["halves"]:  # decode_block_fn's compiled halves against eager blocks, and the sampler's sync
+    def multinomial_sampler(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # before: syncs each step
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+    new_sampler, halves, rows = M.sample_next, M.decode_block_fn, []
+    for B in (256, 1024):
+        with torch.no_grad(), ac:
+            cache = M.KVCache(m.cfg, B, longest + 64, pad[:B], torch.bfloat16, "cuda")
+            logits = m.logits(m.hidden(idx[:B], cache)[:, -1])
+            tok = logits.argmax(-1)[:, None]
+            for compiled in (False, True):
+                cache.pos.fill_(longest)
+                cache.length = longest
+                dec = m._decoder(cache, B, torch.device("cuda"), compiled)
+                ms = per_call_ms(lambda: dec(tok), 20)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    dec(tok)
+                    sync()
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                rows.append(f"batch {B:>4}, {'compiled halves' if compiled else 'eager blocks   '}: replay {ms:.3f} ms, "
+                            f"{len(kernels)} kernels, {sum(e.device_time for e in kernels) / 1e3:.3f} ms of kernel time")
+                print(rows[-1], flush=True)
+                if compiled and B == 256:
+                    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
+    gen = torch.Generator().manual_seed(1)
+    for P in (16, 64):  # GRPO's rollouts: P prompts of MedMCQA-like lengths x 16 samples, 32 new tokens, kept decoder
+        lens = torch.normal(55.0, 18.0, (P,), generator=gen).clamp(26, 224).long().tolist()
+        ps = [p for p in (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in lens) for _ in range(16)]
+        res = {}
+        for name, compiled, sampler in (("eager blocks, multinomial", False, multinomial_sampler),
+                                        ("eager blocks, sync-free sampler", False, new_sampler),
+                                        ("compiled halves, sync-free sampler", True, new_sampler)):
+            M.sample_next = sampler
+            M.decode_block_fn = halves if compiled else (lambda: None)  # None: eager blocks, the prefill still compiled
+            M._KEPT.pop(m, None)
+            times = []
+            for _ in range(5):  # 2 warm-up calls: compiling, capture
+                with torch.no_grad(), ac:
+                    sync(); t0 = time.perf_counter()
+                    m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
+                    sync(); times.append(time.perf_counter() - t0)
+            res[name] = sorted(times[2:])[1]
+            if P == 16 and compiled and os.environ.get("PROFILE", "1") != "0":  # where one whole call's GPU time goes
+                with torch.no_grad(), ac, profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                    sync(); t0 = time.perf_counter()
+                    m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
+                    sync(); wall = time.perf_counter() - t0
+                gpu = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+                print(f"profiled generate() {P} x 16: {wall * 1e3:.1f} ms of wall (with the profiler), {gpu:.1f} ms of kernel time")
+                if os.environ.get("TRACE"):  # a Chrome trace of that call, for its idle gaps
+                    prof.export_chrome_trace(os.environ["TRACE"])
+            rows.append(f"generate() {P} x 16 rows: {name:<35} {res[name] * 1e3:6.1f} ms (median of 3), "
+                        f"{next(iter(res.values())) / res[name]:.2f}x")
+            print(rows[-1], flush=True)
+    print("\n".join(rows))
     sys.exit(0)
 if sys.argv[1:] == ["decode"]:
     with torch.no_grad(), ac:
@@ -102,9 +161,9 @@ for rep in range(4):  # rep 0 compiles the prefill for each block shape
     for name, ps in (("64 prompts x 16 samples", shared), ("1024 distinct prompts", distinct)):
         with torch.no_grad(), ac:
             sync(); t0 = time.perf_counter()
-            m.generate(ps, new, temperature=1.0, compile_prefill=True)
+            m.generate(ps, new, temperature=1.0, compile=True)
             sync()
         times.setdefault(name, []).append(time.perf_counter() - t0)
 for name, t in times.items():
-    print(f"generate(compile_prefill=True), {name}: {sorted(t[1:])[1]:.3f} s (median of 3 after a compiling call)")
+    print(f"generate(compile=True), {name}: {sorted(t[1:])[1]:.3f} s (median of 3 after a compiling call)")
 print(f"shared prefill: {sorted(times['1024 distinct prompts'][1:])[1] / sorted(times['64 prompts x 16 samples'][1:])[1]:.2f}x")
