@@ -27,6 +27,7 @@ PRECISION = "bf16"  # "bf16": bf16 autocast over fp32 master weights; "fp8": FP8
 RESIDUAL = "autocast"  # the residual stream under autocast: "autocast" (its dtype, bf16, as Megatron; 1.04x, same loss) | "fp32"
 DECODE_CUDA_GRAPH = True  # generate() on CUDA replays each decoding step as one CUDA graph
 FLEX_PACKED = True  # packed rows (GRPO's shared prompts) in compiled CUDA forwards: flex_attention skips masked tiles; False = SDPA, dense mask
+PREFILL_BUCKET = 32  # generate(keep_decoder=True) left-pads prompts to a multiple of this: one prefill CUDA graph per width
 DECODE_KERNEL = True  # decoding attention on CUDA through kernels.py's Triton kernel (where triton is installed); False = decode_attend
 LOSS_CHUNK_ROWS = 4096  # rows of logits made at once by the loss: 4096 x 50304 fp32 = 0.8 GB, never B x T x V
 DSA_IMPL = "mask"  # DSA's selected-key attention: "mask" (selection as a mask for dense SDPA) | "gather" (O(T k))
@@ -590,6 +591,16 @@ class KVCache:
         self.pos.zero_()
         self.length = 0
 
+    def fill_from(self, other, rows):
+        """Slot s < other.length of row b from other's row rows[b] (the distinct prompts' prefill, shared by their
+        repeats), a layer at a time: no second copy of the whole cache. The caller advances."""
+        n = other.length
+        for layer in range(self.k.shape[0]):
+            self.k[layer, :, :, :n].copy_(other.k[layer, rows, :, :n])
+            self.v[layer, :, :, :n].copy_(other.v[layer, rows, :, :n])
+            if self.ik is not None:
+                self.ik[layer, :, :n].copy_(other.ik[layer, rows, :n])
+
     def update_indexer(self, layer, ik):
         self.ik[layer].index_copy_(1, self.pos + self.slots[:ik.shape[1]], ik.to(self.ik.dtype))
         return self.ik[layer]
@@ -717,13 +728,14 @@ class GPT(nn.Module):
         return F.linear(h, self.head_weight()).float()
 
     def forward(self, idx, targets=None, cache=None, block_fn=None):
-        """Without targets: float32 logits (B, T, V), after the KVCache's tokens if one is given (decoding);
-        block_fn as in hidden() (decoding steps pass decode_block_fn()'s).
+        """Without targets: float32 logits (B, T, V); with a KVCache (decoding), after its tokens and for the last
+        position only, (B, 1, V); block_fn as in hidden() (decoding steps pass decode_block_fn()'s).
         With targets (-1 = ignore): mean cross-entropy.
         With DSA on (dsa_top_k > 0) and targets: in training mode the objective lm + dsa_loss_weight * L_I, in eval
         mode the LM loss alone; self.last_losses holds both, detached."""
         if targets is None:
-            return self.logits(self.hidden(idx, cache, block_fn=block_fn))
+            h = self.hidden(idx, cache, block_fn=block_fn)
+            return self.logits(h if cache is None else h[:, -1:])
         if cache is not None:
             raise ValueError("a KV cache is for decoding: forward(idx, cache=...) without targets")
         lm, indexer = self.losses(idx, targets)
@@ -774,9 +786,11 @@ class GPT(nn.Module):
         quarters of a GRPO prefill's GPU time), and on CUDA the decoding step's blocks as decode_block_fn's compiled
         halves (1.5-1.9x a GRPO rollout; BENCHMARKS.md); decoding steps replay CUDA graphs either way. Compiling
         costs seconds once per process: worth it for many calls (GRPO), not for one (sample.py).
-        keep_decoder: keep the KV cache (its slots rounded up to a multiple of 128) and the captured decoding graph
-        for the next call with as many rows, at most as many slots and the same compile: GRPO's rollouts skip a capture
-        per step, and hold the cache between calls (3 GB at batch 1024 and 256 slots, medium-large).
+        keep_decoder: keep the KV cache (its slots rounded up to a multiple of 128) and the captured CUDA graphs for
+        the next call with as many rows, at most as many slots and the same compile: GRPO's rollouts skip a capture per
+        step, and hold the cache between calls (3 GB at batch 1024 and 256 slots, medium-large). The prompts are
+        left-padded to a multiple of PREFILL_BUCKET tokens, and on CUDA the prefill of the distinct ones is a CUDA graph
+        too, one per (distinct prompts, width): a prefill of 16 short prompts was bound by launching its kernels.
         """
         device = self.rope_cos.device
         B, longest = len(prompts), max(len(p) for p in prompts)
@@ -786,34 +800,34 @@ class GPT(nn.Module):
             raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
                              f"of {self.cfg.block_size}; shorten the prompt or lower max_new_tokens")
         fill = 0 if eos_id is None else eos_id
-        idx, pad = left_pad(prompts, fill, device)
+        width = longest
+        if keep_decoder and use_cache:  # a few widths cover every step's prompts: a graph each; the padding is masked
+            width = min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, self.cfg.block_size - max_new_tokens)
+        idx, pad = left_pad(prompts, fill, device, width)
         out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         seq = idx
         if use_cache:
-            slots = longest + max_new_tokens
+            slots = width + max_new_tokens
             if keep_decoder:  # a few sizes cover every step's prompts; the Triton kernel skips the unused blocks
                 slots = min(-(-slots // 128) * 128, self.cfg.block_size)
             key = (B, slots, self._compute_dtype(), compile)
             kept = _KEPT.get(self) if keep_decoder else None
             if kept and kept[0][0] == B and kept[0][2:] == key[2:] and kept[0][1] >= slots:  # a longer kept cache serves too
                 key, cache, decode = kept
-            else:
-                cache, decode = None, None
-            if cache is None:
-                if keep_decoder:
-                    _KEPT.pop(self, None)  # one kept decoder per model: free the old one before making another
-                cache = KVCache(self.cfg, B, slots, pad, key[2], device)
-            else:
                 cache.reset(pad)
                 if hasattr(decode, "refresh"):
                     decode.refresh()
-            logits = self._prefill(prompts, idx, cache, compiled_hidden() if compile else GPT.hidden)
-            if decode is None:
+            else:
+                if keep_decoder:
+                    _KEPT.pop(self, None)  # one kept decoder per model: free the old one before making another
+                cache = KVCache(self.cfg, B, slots, pad, key[2], device)
                 decode = self._decoder(cache, B, device, compile)
             if keep_decoder:
                 _KEPT[self] = (key, cache, decode)
+            graphs = decode if keep_decoder and isinstance(decode, _Graphs) else None
+            logits = self._prefill(prompts, idx, cache, compiled_hidden() if compile else GPT.hidden, graphs)
         checksum = torch.zeros((), device=device)  # NaN or inf once any sampled logit is: checked once, after the loop
         for t in range(max_new_tokens):
             if not use_cache:  # a full forward over the (left-padded) sequence each step; for tests and checks
@@ -836,65 +850,33 @@ class GPT(nn.Module):
             raise RuntimeError("generate(): the model's logits are NaN or inf (its weights, or a state they produce)")
         return out, lengths
 
-    def _prefill(self, prompts, idx, cache, hidden):
+    def _prefill(self, prompts, idx, cache, hidden, graphs=None):
         """Logits after each row's prompt, its K/V written to the cache. Rows that repeat a prompt (GRPO samples G per
         prompt) share one forward: only the distinct rows run, and their cache rows are copied to the repeats. The
-        repeats are found on the host, from the lists (torch.unique on the GPU took ~2 ms and a sync at 256 rows)."""
+        repeats are found on the host, from the lists (torch.unique on the GPU took ~2 ms and a sync at 256 rows).
+        graphs: a kept decoder's _Graphs, which replays that forward and copy as a CUDA graph."""
         distinct, firsts, inv = {}, [], []  # prompt -> its index among the distinct ones; their first rows; each row's
         for r, p in enumerate(prompts):
             j = distinct.setdefault(tuple(p), len(distinct))
             if j == len(firsts):
                 firsts.append(r)
             inv.append(j)
-        if len(firsts) == len(idx):
+        if len(firsts) == len(idx) and graphs is None:
             return self.logits(hidden(self, idx, cache)[:, -1])
         firsts, inv = torch.tensor(firsts, device=idx.device), torch.tensor(inv, device=idx.device)
+        if graphs is not None:
+            return graphs.prefill(idx[firsts], cache.pad[firsts], inv)
         small = KVCache(self.cfg, len(firsts), idx.shape[1], cache.pad[firsts], cache.k.dtype, idx.device)
         h = hidden(self, idx[firsts], small)[:, -1]
-        n = idx.shape[1]
-        for layer in range(self.cfg.n_layer):  # a layer at a time: no second copy of the whole cache
-            cache.k[layer, :, :, :n].copy_(small.k[layer, inv])
-            cache.v[layer, :, :, :n].copy_(small.v[layer, inv])
-            if cache.ik is not None:
-                cache.ik[layer, :, :n].copy_(small.ik[layer, inv])
-        cache.advance(n)
+        cache.fill_from(small, inv)
+        cache.advance(idx.shape[1])
         return self.logits(h)[inv]
 
     def _decoder(self, cache, B, device, compile=False):
-        """One decoding step, token (B, 1) -> logits (B, V). On CUDA it is captured once as a CUDA graph and
-        replayed, its blocks eager or (compile) through decode_block_fn's compiled halves: a step is 980 small kernels
-        (300 compiled) whose launch cost would otherwise dominate (BENCHMARKS.md). The graph reads its own copies of the
-        Linear weights in the autocast dtype, made here and again by .refresh(): autocast's cached casts, which it would
-        read otherwise, are freed when the caller's autocast ends (a kept decoder outlives it) and go stale when an
-        optimizer steps."""
+        """One decoding step, token (B, 1) -> logits (B, V): on CUDA a _Graphs, which replays it as a CUDA graph."""
         if not (DECODE_CUDA_GRAPH and device.type == "cuda") or self.cfg.dsa_top_k:
             return lambda tok: self(tok, cache=cache)[:, -1]
-        dt = self._compute_dtype()
-        linear = {f"{n}.weight" for n, m in self.named_modules() if type(m) is nn.Linear}  # what autocast would cast
-        own = {n: p for n, p in self.named_parameters() if n in linear and p.dtype != dt}
-        copies = {n: p.detach().to(dt) for n, p in own.items()}
-        kw = {"cache": cache, "block_fn": decode_block_fn() if compile else None}
-        step = lambda tok: torch.func.functional_call(self, copies, (tok,), kw)[:, -1]  # noqa: E731
-        static_tok = torch.zeros(B, 1, dtype=torch.long, device=device)
-        pos, length = cache.pos.clone(), cache.length
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces)
-            step(static_tok)
-        torch.cuda.current_stream().wait_stream(side)
-        cache.pos.copy_(pos)  # undo the warm-up step; its cache write is overwritten by the first real step
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = step(static_tok)  # recorded, not run: the replay advances cache.pos on the device
-        cache.length = length
-
-        def replay(tok):
-            static_tok.copy_(tok)
-            graph.replay()
-            cache.length += 1
-            return static_logits
-        replay.refresh = lambda: [copies[n].copy_(p.detach()) for n, p in own.items()]  # the weights as they are now
-        return replay
+        return _Graphs(self, cache, B, compile)
 
     def _compute_dtype(self):
         """The dtype activations come out in: autocast's, else the weights' (the RoPE tables stay float32 either way)."""
@@ -915,12 +897,89 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-_KEPT = weakref.WeakKeyDictionary()  # model -> ((rows, slots, dtype, compile), KVCache, decoding step): generate(keep_decoder=True)
+_KEPT = weakref.WeakKeyDictionary()  # model -> ((rows, slots, dtype, compile), KVCache, _Graphs or a step): generate(keep_decoder=True)
 
 
-def left_pad(prompts, fill, device):
-    """Prompts (lists of ids) as one left-padded block, as generate() prefills it: (ids (B, longest), pad (B,) cpu)."""
-    longest = max(len(p) for p in prompts)
+def _capture(fn, pool=None):
+    """fn() recorded as a CUDA graph, after a warm-up run on a side stream (library handles, workspaces, compiling)
+    -> (graph, fn's output, which each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()  # recorded, not run
+    return graph, out
+
+
+class _Graphs:
+    """generate()'s CUDA graphs over one KVCache, each captured once and replayed: the decoding step, token (B, 1) ->
+    logits (B, V), a step of 980 small kernels (300 compiled) whose launches would cost more than running them, its
+    blocks eager or (compile) decode_block_fn's compiled halves; and, for a kept decoder, the prefill of n distinct
+    prompts of `width` tokens (prefill()). They read their own copies of the Linear weights in the autocast dtype,
+    made here and again by refresh(): autocast's cached casts, which they would read otherwise, are freed when the
+    caller's autocast ends (a kept decoder outlives it) and go stale when an optimizer steps."""
+
+    def __init__(self, model, cache, B, compile):
+        dt = model._compute_dtype()
+        linear = {f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear}  # what autocast would cast
+        self.own = {n: p for n, p in model.named_parameters() if n in linear and p.dtype != dt}
+        self.copies = {n: p.detach().to(dt) for n, p in self.own.items()}
+        self.model, self.cache, self.compile = model, cache, compile
+        self.prefills, self.pool = {}, torch.cuda.graph_pool_handle()  # (n, width) -> static inputs, graph, output
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=cache.pos.device)
+        block_fn = decode_block_fn() if compile else None
+        pos, length = cache.pos.clone(), cache.length
+        self.graph, self.logits = _capture(lambda: self._call(self.tok, cache=cache, block_fn=block_fn)[:, -1])
+        cache.pos.copy_(pos)  # undo the warm-up step: the replays advance cache.pos on the device, from where it is
+        cache.length = length
+
+    def _call(self, *args, **kw):
+        return torch.func.functional_call(self.model, self.copies, args, kw)
+
+    def __call__(self, tok):
+        self.tok.copy_(tok)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+    def refresh(self):
+        """The weight copies made again from the weights as they are now (after an optimizer step)."""
+        for n, p in self.own.items():
+            self.copies[n].copy_(p.detach())
+
+    def prefill(self, idx, pad, rows):
+        """_prefill's forward of the distinct prompts idx (n, width), left-padded by pad (n,), into a cache of their
+        own, then row b of the kept cache from distinct row rows[b]: logits (B, V) after each row's prompt. The graphs
+        of all widths share one memory pool, so each output is read before another prefill replays."""
+        n, width = idx.shape
+        if (n, width) not in self.prefills:
+            small = KVCache(self.model.cfg, n, width, pad, self.cache.k.dtype, idx.device)
+            static = (idx.clone(), small, rows.clone())
+            block_fn = compiled_block() if self.compile else None
+
+            def run():
+                small.pos.zero_()
+                small.length = 0
+                logits = self._call(static[0], cache=small, block_fn=block_fn)[:, -1]
+                self.cache.fill_from(small, static[2])
+                return logits[static[2]]
+            self.prefills[n, width] = static + _capture(run, self.pool)
+        static_idx, small, static_rows, graph, logits = self.prefills[n, width]
+        static_idx.copy_(idx)
+        small.pad.copy_(pad)
+        static_rows.copy_(rows)
+        graph.replay()
+        self.cache.advance(width)
+        return logits
+
+
+def left_pad(prompts, fill, device, width=None):
+    """Prompts (lists of ids) as one left-padded block, as generate() prefills it: (ids (B, width), pad (B,) cpu);
+    width defaults to the longest prompt's length."""
+    longest = width or max(len(p) for p in prompts)
     pad = torch.tensor([longest - len(p) for p in prompts])
     rows = np.full((len(prompts), longest), fill, dtype=np.int64)  # numpy: torch.tensor on 1024 lists took 18 ms
     for r, p in enumerate(prompts):
@@ -954,13 +1013,17 @@ def packed_mask(seg, flex=False):
 
 
 @functools.cache
-def compiled_hidden():
-    """GPT.hidden with each block through one torch.compile(Block.forward), made once and shared by every model and
-    layer (each passes itself): GRPO's log-prob and update forwards and generate()'s prefill. Compiling one block,
+def compiled_block():
+    """One torch.compile(Block.forward), shared by every model and layer (each passes itself): compiling one block,
     not the 20-layer hidden(), is what makes it quick to compile (BENCHMARKS.md). dynamic: batch and length change
     from call to call."""
-    block_fn = torch.compile(Block.forward, dynamic=True)
-    return lambda model, idx, cache=None, layout=None: model.hidden(idx, cache, layout=layout, block_fn=block_fn)
+    return torch.compile(Block.forward, dynamic=True)
+
+
+def compiled_hidden():
+    """GPT.hidden with each block through compiled_block(): GRPO's log-prob and update forwards and generate()'s
+    prefill."""
+    return lambda model, idx, cache=None, layout=None: model.hidden(idx, cache, layout=layout, block_fn=compiled_block())
 
 
 def _attn_in(block, x, cos, sin):

@@ -3,7 +3,7 @@
 2. generate()'s CUDA-graphed decoding step (its blocks eager, and as decode_block_fn's compiled halves) gives the logits
    of eager steps on the same tokens; a decoder kept from a call with other prompts, in another autocast context,
    before the weights changed (compile=True, keep_decoder=True, as GRPO's rollouts) decodes as a fresh one; a compiled
-   prefill writes the eager prefill's hidden states and KV cache;
+   prefill writes the eager prefill's hidden states and KV cache, and so does a kept decoder's prefill CUDA graph;
 3. PRECISION="fp8": loss and gradients near bf16's on the same weights and batch;
 4. decoding's attention (decode_attend, and kernels.decode_attention, which generate() runs) equals SDPA's
    memory-efficient kernel, and cached decoding steps give the logits of full forwards without a cache;
@@ -94,14 +94,26 @@ with torch.no_grad():  # as an optimizer step between two GRPO rollouts: the wei
         p.add_(torch.randn_like(p), alpha=0.02)
 with torch.autocast(dev, dtype=torch.bfloat16):  # another autocast context, as each rollout has
     kept, _ = m.generate(prompts, 24, temperature=0, compile=True, keep_decoder=True)  # replays it: other prompts, padding, weights
-    fresh, _ = m.generate(prompts, 24, temperature=0, compile=True)
-reused = M._KEPT[m][1] is kept_cache
+    reused = M._KEPT.pop(m)[1] is kept_cache
+    fresh, _ = m.generate(prompts, 24, temperature=0, compile=True, keep_decoder=True)  # new graphs: the same padding, kernels
 m.load_state_dict(saved)
 with torch.autocast(dev, dtype=torch.bfloat16):
     idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile=True), compiled vs eager
     caches = [M.KVCache(m.cfg, len(prompts), idx.shape[1] + 8, pad, torch.bfloat16, dev) for _ in range(2)]
     with torch.no_grad():
         h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
+graphs = M._KEPT[m][2]
+if isinstance(graphs, M._Graphs):  # CUDA: its prefill graph (captured by the calls above) vs the eager prefill
+    rows = [prompts[0], prompts[2], prompts[0], prompts[1]]  # the kept decoder's 4 rows, one prompt twice: 3 distinct
+    with torch.autocast(dev, dtype=torch.bfloat16), torch.no_grad():
+        graphs.refresh()
+        idx, pad = M.left_pad(rows, 0, dev, M.PREFILL_BUCKET)
+        graphs.cache.reset(pad)
+        logits_g = m._prefill(rows, idx, graphs.cache, M.compiled_hidden(), graphs).clone()
+        eager_cache = M.KVCache(m.cfg, len(rows), idx.shape[1], pad, torch.bfloat16, dev)
+        logits_e = m._prefill(rows, idx, eager_cache, M.GPT.hidden)
+    prefill_graph = (rel_diff(logits_g, logits_e), rel_diff(graphs.cache.k[:, :, :, :idx.shape[1]], eager_cache.k),
+                     graphs.cache.length == eager_cache.length, len(graphs.prefills))
 same = (graphed == eager).float().mean().item()
 same_kept = (kept == fresh).float().mean().item()
 moved = (fresh != graphed).float().mean().item()  # the new weights decode other tokens, so stale ones would show
@@ -115,6 +127,11 @@ print(f"2. CUDA-graph decode vs eager steps on a cache, teacher-forced: logits' 
 ok &= max(rel_c, rel_e) < 0.03 and min(same_c, same_e) > 0.9  # a lost cache write or a wrong position: ~1 and ~0%
 ok &= same_kept > 0.95 and moved > 0.2 and reused  # stale or freed weights in a kept graph: ~0%
 ok &= rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
+if isinstance(graphs, M._Graphs):
+    rel_p, rel_pk, same_len, n_graphs = prefill_graph
+    print(f"   a kept decoder's prefill CUDA graph ({n_graphs} captured) vs the eager prefill, a repeated prompt among 4 "
+          f"rows: logits {rel_p:.1e}, KV cache {rel_pk:.1e} relative difference, same cache length: {same_len}")
+    ok &= rel_p < 0.05 and rel_pk < 0.05 and same_len and n_graphs == 2  # stale weights or rows: ~1
 
 M.PRECISION = "fp8"
 m8 = M.GPT(m.cfg).to(dev)

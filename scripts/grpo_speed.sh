@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # A whole GRPO step at medium-large (BENCHMARKS.md, "A whole GRPO step"): a GPT-2-BPE checkpoint from 10 training
-# steps, then 5 GRPO steps of config/usmle.py at 64 x 16 samples for each micro_batch in MBS (default 256) and each
+# steps, then STEPS (default 5) GRPO steps of config/usmle.py at 64 x 16 samples for each micro_batch in MBS (default 256) and each
 # variant in VARIANTS (";"-separated name:grpo.py flags; default base = the two-pass eager step, new = fused old
 # log-probs + compiled forwards), one run after another; the final table has a line per (variant, micro_batch) with the
-# mean phase times of steps 2-5 from each run's log.jsonl (t_rollout, t_score, t_logprobs, t_train, t_step) and the step's
+# mean phase times of steps 2-STEPS from each run's log.jsonl (t_rollout, t_score, t_logprobs, t_train, t_step) and the step's
 # speed-up over the first variant at that micro_batch.
 #   SRC=../shared/data bash scripts/grpo_speed.sh
 #   SRC=../shared/data MBS="64 256" VARIANTS="base:--compile=False;fused:--compile=False --fuse_old_logprobs=True" bash scripts/grpo_speed.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-out/grpo_speed}
+STEPS=${STEPS:-5}
 MBS=${MBS:-256}
 VARIANTS=${VARIANTS:-base:--fuse_old_logprobs=False --compile=False;new:--fuse_old_logprobs=True --compile=True}
 source scripts/gutenberg_data.sh
@@ -22,7 +23,7 @@ for MB in $MBS; do
         NAME=${V%%:*}
         # shellcheck disable=SC2086  # the variant's flags split into words
         python grpo.py config/usmle.py --init_from="$RUNS/ml/ckpt.pt" --out_dir="$RUNS/$NAME-mb$MB" \
-            --train_data="$SRC/medmcqa/questions.jsonl" --eval_data="$SRC/medqa/dev.jsonl" --max_steps=5 --eval_every=0 \
+            --train_data="$SRC/medmcqa/questions.jsonl" --eval_data="$SRC/medqa/dev.jsonl" --max_steps="$STEPS" --eval_every=0 \
             --eval_n=32 --save_every=1000 --drop_zero_std=False --prompts_per_step=64 --rollout_batch=1024 \
             --micro_batch="$MB" ${V#*:} | grep -E "^(switches|step)"
         DONE+=("$NAME-mb$MB")
@@ -38,7 +39,8 @@ for run in sys.argv[2:]:
     seq = sum(r["train_tok_s"] * r["t_train"] for r in recs) / len(recs)
     base.setdefault(mb, avg("t_step"))
     print(f"{name:>8} micro_batch {mb}: t_rollout {avg('t_rollout'):.2f} s, t_score {avg('t_score'):.3f} s, t_logprobs {avg('t_logprobs'):.2f} s, "
-          f"t_train {avg('t_train'):.2f} s, t_step {avg('t_step'):.2f} s ({base[mb] / avg('t_step'):.2f}x); "
+          f"t_train {avg('t_train'):.2f} s, t_step {avg('t_step'):.2f} s ({base[mb] / avg('t_step'):.2f}x; median "
+          f"{sorted(r['t_step'] for r in recs)[len(recs) // 2]:.3f} s); "
           f"{avg('train_tokens') / avg('t_step'):,.0f} completion and {seq / avg('t_step'):,.0f} sequence tokens/s; "
           f"peak {max(r['mem_gib'] for r in recs):.1f} GiB")
 PY

@@ -9,7 +9,10 @@ step. `python scripts/rollout_phases.py kernel`: whole generate() calls at bench
 256 new tokens, bf16 weights, batch 256 and 1024) with decode_attend, then with the Triton kernel.
 `python scripts/rollout_phases.py halves`: a decoding step replayed at batch 256 and 1024 with eager blocks and with
 decode_block_fn's compiled halves (time, kernel count), then GRPO's kept-decoder generate() at 16 and 64 prompts x 16
-samples: eager blocks with torch.multinomial, with the sync-free sampler, and compiled halves."""
+samples: eager blocks with torch.multinomial, with the sync-free sampler, and compiled halves.
+`python scripts/rollout_phases.py prefill`: 16 kept-decoder generate() calls as GRPO's rollouts make them (compile=True,
+16 and 64 prompts of MedMCQA-like lengths x 16 samples, other prompts each call): the first, then the median, mean and
+worst of calls 5-16 (new prefill widths may still be captured among them)."""
 import os
 import sys
 import time
@@ -53,6 +56,24 @@ if sys.argv[1:] == ["kernel"]:  # whole generate() calls, bench.py's decode shap
                 sync(); res[k] = B * 256 / (time.perf_counter() - t0)
         print(f"batch {B}: decode_attend {res[False]:,.0f} new tokens/s, Triton kernel {res[True]:,.0f} "
               f"({res[True] / res[False]:.2f}x)", flush=True)
+    sys.exit(0)
+if sys.argv[1:] == ["prefill"]:  # GRPO's kept-decoder rollouts, new prompts each call (so new prefill widths at first)
+    gen = torch.Generator().manual_seed(1)
+    for P in (16, 64):
+        calls = []
+        for _ in range(16):
+            lens = torch.normal(55.0, 18.0, (P,), generator=gen).clamp(26, 224).long().tolist()
+            calls.append([p for p in (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in lens) for _ in range(16)])
+        M._KEPT.pop(m, None)
+        times = []
+        for ps in calls:
+            with torch.no_grad(), ac:
+                sync(); t0 = time.perf_counter()
+                m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
+                sync(); times.append(time.perf_counter() - t0)
+        late = sorted(times[4:])
+        print(f"generate() {P} x 16, 16 calls: first {times[0]:.1f} s; calls 5-16: median {late[len(late) // 2] * 1e3:.1f} ms, "
+              f"mean {sum(late) / len(late) * 1e3:.1f} ms, max {late[-1] * 1e3:.1f} ms", flush=True)
     sys.exit(0)
 if sys.argv[1:] == ["halves"]:  # decode_block_fn's compiled halves against eager blocks, and the sampler's sync
     def multinomial_sampler(logits, temperature=1.0, top_k=None, top_p=None, generator=None):  # before: syncs each step

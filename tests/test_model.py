@@ -114,8 +114,8 @@ def test_batched_generation_of_different_lengths_matches_one_by_one():
 
 def test_kept_decoder_is_reused_and_decodes_like_a_fresh_one():
     """generate(keep_decoder=True), as GRPO's rollouts call it: the second call with as many rows reuses the first
-    call's cache (its slots rounded up to 128, the stale K/V of the first prompts still in them, masked) and gives a
-    fresh call's greedy tokens; a call that needs more slots replaces it, and that longer cache serves shorter prompts;
+    call's cache (its slots rounded up to 128, the stale K/V of the first prompts still in them, masked; the prompts
+    left-padded to a multiple of 32 tokens) and gives a fresh call's greedy tokens; a call that needs more slots replaces it, and that longer cache serves shorter prompts;
     another batch size replaces it; moving the model drops it."""
     m = tiny()
     first = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
@@ -123,6 +123,7 @@ def test_kept_decoder_is_reused_and_decodes_like_a_fresh_one():
     kept_first, _ = m.generate(first, 12, temperature=0, keep_decoder=True)
     key, cache, _ = M._KEPT[m]
     assert key[:2] == (3, 128) and cache.k.shape[3] == 128
+    assert cache.pad.tolist() == [32 - 7, 32 - 1, 32 - 3] and cache.length == 32 + 11  # prompts padded to PREFILL_BUCKET
     kept_second, _ = m.generate(second, 12, temperature=0, keep_decoder=True)
     assert M._KEPT[m][:2] == (key, cache)  # the same tensors: no new cache, no new capture
     for prompts, kept in ((first, kept_first), (second, kept_second)):
