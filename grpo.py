@@ -74,7 +74,7 @@ top_k = 0  # 0 = off. The seed samples untruncated (top_k 0, top_p 1.0): no trai
 top_p = 1.0  # 1.0 = off
 keep_sampling_mask = True  # with top_k/top_p: log-probs renormalised over each step's kept tokens (V3.2); False = full softmax
 rollout_batch = 256  # rows per generate() call (16 x 16 = one call)
-keep_decoder = True  # keep the rollouts' KV cache and CUDA graph between steps: no capture per step, the cache held (3 GB at 1024 x 256 slots)
+keep_decoder = True  # keep the rollouts' KV cache and CUDA graphs (decoding step, prefill per prompt width) between steps: no capture per step, the cache held (3 GB at 1024 x 256 slots)
 cut_at_stop_strings = True  # a completion ends at the first tasks.STOP_STRINGS ("\nQuestion:", ...): reward and loss stop there
 # objective
 beta = 0.01  # KL to the reference (V3.2's unbiased estimate); 0 = no reference model at all (saves its memory)
