@@ -44,6 +44,21 @@ def per_call_ms(fn, n):
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def grpo_rows(P, gen):
+    """P prompts of MedMCQA-like lengths (GPT-2 BPE: median ~55 tokens) x 16 samples, as GRPO's rollouts pass them."""
+    lens = torch.normal(55.0, 18.0, (P,), generator=gen).clamp(26, 224).long().tolist()
+    return [p for p in (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in lens) for _ in range(16)]
+
+
+def rollout_s(ps):
+    """Seconds of one generate() as GRPO's rollouts call it: compiled, kept decoder, `new` sampled tokens."""
+    with torch.no_grad(), ac:
+        sync(); t0 = time.perf_counter()
+        m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
+        sync()
+    return time.perf_counter() - t0
+
+
 if sys.argv[1:] == ["kernel"]:  # whole generate() calls, bench.py's decode shape, decode_attend vs the Triton kernel
     mb = M.GPT(M.make_config("medium-large")).cuda().to(torch.bfloat16).eval()
     for B in (256, 1024):
@@ -60,17 +75,9 @@ if sys.argv[1:] == ["kernel"]:  # whole generate() calls, bench.py's decode shap
 if sys.argv[1:] == ["prefill"]:  # GRPO's kept-decoder rollouts, new prompts each call (so new prefill widths at first)
     gen = torch.Generator().manual_seed(1)
     for P in (16, 64):
-        calls = []
-        for _ in range(16):
-            lens = torch.normal(55.0, 18.0, (P,), generator=gen).clamp(26, 224).long().tolist()
-            calls.append([p for p in (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in lens) for _ in range(16)])
+        calls = [grpo_rows(P, gen) for _ in range(16)]
         M._KEPT.pop(m, None)
-        times = []
-        for ps in calls:
-            with torch.no_grad(), ac:
-                sync(); t0 = time.perf_counter()
-                m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
-                sync(); times.append(time.perf_counter() - t0)
+        times = [rollout_s(ps) for ps in calls]
         late = sorted(times[4:])
         print(f"generate() {P} x 16, 16 calls: first {times[0]:.1f} s; calls 5-16: median {late[len(late) // 2] * 1e3:.1f} ms, "
               f"mean {sum(late) / len(late) * 1e3:.1f} ms, max {late[-1] * 1e3:.1f} ms", flush=True)
@@ -100,8 +107,7 @@ if sys.argv[1:] == ["halves"]:  # decode_block_fn's compiled halves against eage
                     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
     gen = torch.Generator().manual_seed(1)
     for P in (16, 64):  # GRPO's rollouts: P prompts of MedMCQA-like lengths x 16 samples, 32 new tokens, kept decoder
-        lens = torch.normal(55.0, 18.0, (P,), generator=gen).clamp(26, 224).long().tolist()
-        ps = [p for p in (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in lens) for _ in range(16)]
+        ps = grpo_rows(P, gen)
         res = {}
         for name, compiled, sampler in (("eager blocks, multinomial", False, multinomial_sampler),
                                         ("eager blocks, sync-free sampler", False, new_sampler),
@@ -109,18 +115,11 @@ if sys.argv[1:] == ["halves"]:  # decode_block_fn's compiled halves against eage
             M.sample_next = sampler
             M.decode_block_fn = halves if compiled else (lambda: None)  # None: eager blocks, the prefill still compiled
             M._KEPT.pop(m, None)
-            times = []
-            for _ in range(5):  # 2 warm-up calls: compiling, capture
-                with torch.no_grad(), ac:
-                    sync(); t0 = time.perf_counter()
-                    m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
-                    sync(); times.append(time.perf_counter() - t0)
+            times = [rollout_s(ps) for _ in range(5)]  # 2 warm-up calls: compiling, capture
             res[name] = sorted(times[2:])[1]
             if P == 16 and compiled and os.environ.get("PROFILE", "1") != "0":  # where one whole call's GPU time goes
-                with torch.no_grad(), ac, profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                    sync(); t0 = time.perf_counter()
-                    m.generate(ps, new, temperature=1.0, compile=True, keep_decoder=True)
-                    sync(); wall = time.perf_counter() - t0
+                with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                    wall = rollout_s(ps)
                 gpu = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
                 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
                 print(f"profiled generate() {P} x 16: {wall * 1e3:.1f} ms of wall (with the profiler), {gpu:.1f} ms of kernel time")
