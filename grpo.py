@@ -285,7 +285,8 @@ def grpo_token_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta
 # ---- rollouts, rewards, batches -----------------------------------------------------------------------------
 def decode(tok, ids):
     """Text of token ids, without EOS and without ids beyond the tokenizer (the model's vocab is padded to x64)."""
-    return tok.decode([i for i in ids if i < tok.vocab_size and i != tok.eos_id])
+    V, eos = tok.vocab_size, tok.eos_id  # locals: the filter reads them per id
+    return tok.decode([i for i in ids if i < V and i != eos])
 
 
 def stop_length(tok, ids, stops=tasks.STOP_STRINGS):
@@ -320,24 +321,30 @@ def rollout(model, prompt_ids, cfg, eos_id, autocast=nullcontext()):
 
 
 def score(tok, examples, tokens, lengths, cfg, reward_fn):
-    """Cut each completion (at its EOS, or just after the first stop string), decode, reward. -> per-sample lists."""
+    """Cut each completion (at its EOS, or just after the first stop string), decode, reward. -> per-sample lists.
+    reward_fn(text, example) must depend on its arguments only: a prompt's identical samples are scored once."""
     G = cfg["samples_per_prompt"]
+    rows, raw_lens = tokens.tolist(), lengths.tolist()  # one conversion for the batch, not a slice + tolist per row
     s = {k: [] for k in ("completion", "text", "reward", "parsable", "finished", "raw_len")}
-    for i in range(len(tokens)):
-        n = int(lengths[i])
-        ids = tokens[i, :n].tolist()
-        finished = ids[-1] == tok.eos_id  # the row's own last sampled token (lengths say where it ends, not padding)
-        body = ids[:-1] if finished else ids
-        text = decode(tok, body)  # decode drops EOS: also the text of ids
-        if cfg["cut_at_stop_strings"] and any(st in text for st in tasks.STOP_STRINGS):  # the search only where one is
-            k = stop_length(tok, body)
-            if k < len(body):
-                ids, finished, text = body[:k], True, decode(tok, body[:k])
-        r, parsable = reward_fn(text, examples[i // G])
-        s["completion"].append(ids)
+    scored = {}  # (prompt, ids) -> (ids, text, reward, parsable, finished): a group's repeats (" B" + EOS) once
+    for i, (row, n) in enumerate(zip(rows, raw_lens)):
+        ids = row[:n]
+        key = (i // G, tuple(ids))
+        if key not in scored:
+            finished = ids[-1] == tok.eos_id  # the row's own last sampled token (lengths say where it ends, not padding)
+            body = ids[:-1] if finished else ids
+            text = decode(tok, body)  # decode drops EOS: also the text of ids
+            if cfg["cut_at_stop_strings"] and any(st in text for st in tasks.STOP_STRINGS):  # search only where one is
+                k = stop_length(tok, body)
+                if k < len(body):
+                    ids, finished, text = body[:k], True, decode(tok, body[:k])
+            r, parsable = reward_fn(text, examples[i // G])
+            scored[key] = ids, text, float(r), bool(parsable), finished
+        ids, text, r, parsable, finished = scored[key]
+        s["completion"].append(list(ids))  # a list per sample, as before: repeats share no list
         s["text"].append(text)
-        s["reward"].append(float(r))
-        s["parsable"].append(bool(parsable))
+        s["reward"].append(r)
+        s["parsable"].append(parsable)
         s["finished"].append(finished)
         s["raw_len"].append(n)
     s["repetition"] = tasks.runaway_repetition_rows(s["completion"]).tolist()  # all rows in one numpy pass

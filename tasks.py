@@ -351,22 +351,25 @@ def runaway_repetition_rows(rows, max_period=32, min_repeats=3, min_span=12, ngr
     a = -1 - np.tile(np.arange(L), (len(rows), 1))  # padding: a different negative number per column, equal to nothing
     for r, ids in enumerate(rows):
         a[r, :len(ids)] = ids
+    a = np.ascontiguousarray(a.T)  # (L, R): positions first, so each step of the run loop below is one contiguous slice
     i, d = np.arange(L), np.arange(1, D + 1)
-    later = np.minimum(i + d[:, None], L - 1)  # (D, L); past the end, a[L - 1] compares unequal or is masked below
+    later = np.minimum(i[:, None] + d, L - 1)  # (L, D); past the end, a[L - 1] compares unequal or is masked below
+    inside = (i[:, None] + d < L)[:, :, None]
     per = max(1, (1 << 22) // (D * L))  # rows at a time: ~4M elements per array
     for s in range(0, len(rows), per):
-        x = a[s:s + per]
-        eq = (x[:, later] == x[:, None, :]) & (i + d[:, None] < L)  # (R, D, L)
-        run = i - np.maximum.accumulate(np.where(eq, -1, i), axis=2)  # length of the run of True ending at i
+        x, m = a[:, s:s + per], n[s:s + per]
+        eq = (x[later] == x[:, None, :]) & inside  # (L, D, R)
+        run = eq.astype(np.int32)  # length of the run of True ending at i, position by position: each a (D, R) slice
+        for j in range(1, L):  # (np.maximum.accumulate along a short last axis made the whole call ~4x slower)
+            run[j] *= run[j - 1] + 1
         if periods:  # a unit of p tokens repeated over run + p tokens; p up to each row's n // min_repeats
-            p = d[:periods]
-            hit = (run[:, :periods].max(2) + p >= np.maximum(p * min_repeats, min_span)) & \
-                (p <= n[s:s + per, None] // min_repeats)
-            out[s:s + per] |= hit.any(1)
+            p = d[:periods, None]
+            hit = (run[:, :periods].max(0) + p >= np.maximum(p * min_repeats, min_span)) & (p <= m // min_repeats)
+            out[s:s + per] |= hit.any(0)
         if ngram and L >= ngram:  # the window at i recurs at i + d; a first occurrence with max_ngram_count - 1 recurrences
-            recur = (run[:, :, ngram - 1:] >= ngram).sum(1)  # (R, L - ngram + 1)
-            whole = i[:L - ngram + 1] <= n[s:s + per, None] - ngram  # windows inside the row
-            out[s:s + per] |= ((recur >= max_ngram_count - 1) & whole).any(1)
+            recur = (run[ngram - 1:] >= ngram).sum(1)  # (L - ngram + 1, R)
+            whole = i[:L - ngram + 1, None] <= m - ngram  # windows inside the row
+            out[s:s + per] |= ((recur >= max_ngram_count - 1) & whole).any(0)
     return out
 
 

@@ -1,7 +1,10 @@
-"""CPU time of grpo.score() for one GRPO step's samples: 64 MedMCQA prompts x 16 completions of 32 random GPT-2
-tokens (decode, stop strings, reward, repetition check), best of 5.
+"""CPU time of grpo.score() for one GRPO step's samples (decode, stop strings, reward, repetition check), best of 5:
+64 MedMCQA prompts x 16 completions of up to 32 GPT-2 tokens, twice: random tokens, and completions like a pretrained
+policy's (a letter prior per prompt; ' B' + EOS three times in four, else ' B\\nQuestion: ...' running on into random
+tokens, which the stop string cuts).
     TIKTOKEN_GPT2_FILE=../shared/data/gpt2.tiktoken python scripts/score_speed.py ../shared/data/medmcqa/questions.jsonl"""
 import os
+import random
 import sys
 import time
 
@@ -15,11 +18,27 @@ from tokenizer import get_tokenizer  # noqa: E402
 tok = get_tokenizer("gpt2")
 examples = grpo.load_examples("medmcqa", sys.argv[1], 64, 0, True, "train")
 cfg = {**grpo._DEFAULTS, "samples_per_prompt": 16, "max_new_tokens": 32}
-tokens = torch.randint(0, 50257, (1024, 32), generator=torch.Generator().manual_seed(0))
-lengths = torch.full((1024,), 32)
-times = []
-for _ in range(5):
-    t = time.perf_counter()
-    grpo.score(tok, examples, tokens, lengths, cfg, lambda text, e: tasks.grade(e["task"], text, e))
-    times.append(time.perf_counter() - t)
-print(f"score() of 1024 samples: {min(times):.3f} s (best of 5)")
+
+
+def policy_like(rng, width=32):
+    rows = []
+    for _ in examples:
+        prior = [rng.random() for _ in "ABCD"]
+        for _ in range(16):
+            L = rng.choices("ABCD", prior)[0]
+            run_on = tok.encode(f" {L}\nQuestion: A 30-year-old") + [rng.randrange(tok.eos_id) for _ in range(width)]
+            rows.append((tok.encode(" " + L) + [tok.eos_id] if rng.random() < 0.75 else run_on)[:width])
+    tokens = torch.tensor([r + [tok.eos_id] * (width - len(r)) for r in rows])
+    return tokens, torch.tensor([len(r) for r in rows])
+
+
+inputs = {"random tokens": (torch.randint(0, 50257, (1024, 32), generator=torch.Generator().manual_seed(0)),
+                            torch.full((1024,), 32)),
+          "policy-like": policy_like(random.Random(0))}
+for name, (tokens, lengths) in inputs.items():
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        grpo.score(tok, examples, tokens, lengths, cfg, lambda text, e: tasks.grade(e["task"], text, e))
+        times.append(time.perf_counter() - t)
+    print(f"score() of 1024 samples, {name}: {min(times):.4f} s (best of 5)")

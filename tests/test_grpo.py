@@ -1,6 +1,6 @@
 """grpo.py on the CPU: the loss against hand-computed numbers, the KL gradient, ratio == 1 on the first update,
 micro-batch accumulation, position-based masks, Keep Sampling Mask, fused old log-probs, right padding, the compiled
-forward, learning a trivial reward, resume."""
+forward, score() against its per-sample form, learning a trivial reward, resume."""
 import json
 import math
 import os
@@ -347,6 +347,89 @@ def test_score_cuts_at_eos_and_stop_strings():
     assert s["reward"] == [1.0, 1.0, 1.0, 0.0] and s["parsable"] == [True, True, True, False]
     assert s["raw_len"] == [3, 9, 10, 4]
 
+
+
+def score_reference(tok, examples, tokens, lengths, cfg, reward_fn):
+    """grpo.score() as it was: one sample at a time (a slice + tolist per row, every sample decoded and rewarded)."""
+    def dec(ids):
+        return tok.decode([t for t in ids if t < tok.vocab_size and t != tok.eos_id])
+
+    def stop_len(ids):  # binary search on decodes for the first prefix holding a stop string
+        def has(k):
+            return any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS)
+        if not ids or not has(len(ids)):
+            return len(ids)
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has(mid) else (mid + 1, hi)
+        return lo
+    s = {k: [] for k in ("completion", "text", "reward", "parsable", "finished", "raw_len")}
+    for i in range(len(tokens)):
+        n = int(lengths[i])
+        ids = tokens[i, :n].tolist()
+        finished = ids[-1] == tok.eos_id
+        body = ids[:-1] if finished else ids
+        text = dec(body)
+        if cfg["cut_at_stop_strings"] and any(st in text for st in tasks.STOP_STRINGS):
+            k = stop_len(body)
+            if k < len(body):
+                ids, finished, text = body[:k], True, dec(body[:k])
+        r, parsable = reward_fn(text, examples[i // cfg["samples_per_prompt"]])
+        for key, v in zip(s, (ids, text, float(r), bool(parsable), finished, n)):
+            s[key].append(v)
+    s["repetition"] = [tasks.has_runaway_repetition(c) for c in s["completion"]]
+    return s
+
+
+SCORE_TEXTS = [" B", " The answer is C.\nQuestion: A 30-year-old man", " D", "\nQ: why", "\nQuestion:",
+               " B B B B B B B B B B B B B B", " A", " C", " 48/2 = 24 clips. 48+24 = 72\n#### 72", " #### 71\nQuestion: what",
+               " 72<|endoftext|> and more", " 72", " The answer is 72.\nQ:", "Answer: (b) beta blocker, because"]
+GPT2_FILE = os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2.tiktoken")
+
+
+@pytest.mark.parametrize("kind", ["char", pytest.param("gpt2", marks=pytest.mark.skipif(
+    not os.path.isfile(GPT2_FILE), reason="../shared/data/gpt2.tiktoken absent (the GPT-2 tokenizer offline)"))])
+@pytest.mark.parametrize("cut", [True, False])
+def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch):
+    """score() (one tolist for the batch, a prompt's repeated samples scored once, the batched repetition check)
+    gives exactly the per-sample loop's lists, types included: EOS (alone, inside, last), stop strings at the start,
+    middle and end, ids beyond the vocab, repeats within and across groups, MedQA and GSM8K rewards."""
+    if kind == "gpt2":
+        monkeypatch.setenv("TIKTOKEN_GPT2_FILE", GPT2_FILE)
+        tok = load_tokenizer({"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256})
+    else:
+        tok = char_tok("".join(SCORE_TEXTS))
+    eos, V, e = tok.eos_id, tok.vocab_size, lambda i: tok.encode(SCORE_TEXTS[i])
+    opts = {"A": "aspirin", "B": "beta blocker", "C": "calcium", "D": "digoxin"}
+    examples = [{"task": "medqa", "answer": "B", "options": opts}, {"task": "gsm8k", "answer": "72"},
+                {"task": "medqa", "answer": "C", "options": opts}, {"task": "gsm8k", "answer": "71"}]
+    mcq = [e(0) + [eos], e(0) + [eos], e(1), [eos], e(2) + [V + 5] + e(3) + [eos], e(4), e(5), e(6) + [eos] + e(7) + [eos],
+           e(13) + [eos], [V + 1] + e(0) + e(1)]
+    gsm = [e(8) + [eos], e(8) + [eos], e(9), e(10), [V + 1, V + 2] + e(11), e(12) + [eos], [eos], e(11) + [eos], e(9) + [eos],
+           e(12)]
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 7, 12)]
+    groups = [mcq + noise, gsm + noise, mcq + noise, gsm + noise]  # groups 3 and 4: the same rows, other answers
+    rows = [r for grp in groups for r in grp]
+    width = max(map(len, rows)) + 4
+    tokens = torch.tensor([r + torch.randint(0, V + 8, (width - len(r),), generator=g).tolist() for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    c = cfg(samples_per_prompt=len(groups[0]), cut_at_stop_strings=cut)
+
+    def reward_fn(text, ex):  # ints: score() makes them float and bool
+        r, parsable = tasks.grade(ex["task"], text, ex)
+        return int(r), int(parsable)
+    got, want = grpo.score(tok, examples, tokens, lengths, c, reward_fn), score_reference(tok, examples, tokens, lengths, c, reward_fn)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k] == want[k], k
+        assert [type(v) for v in got[k]] == [type(v) for v in want[k]], k
+    assert len({id(ids) for ids in got["completion"]}) == len(rows)  # repeats share no list
+    # the cases reach what they are meant to: both rewards, unparsable, cut or not, repetition
+    assert {0.0, 1.0} <= set(want["reward"]) and not all(want["parsable"]) and any(want["repetition"])
+    cuts = sum(len(ids) < n and ids[-1:] != [eos] for ids, n in zip(want["completion"], want["raw_len"]))
+    assert (cuts > 4) if cut else (cuts == 0)
 
 # ---- learning -----------------------------------------------------------------------------------------------------
 def test_tiny_random_policy_learns_to_always_answer_C():
