@@ -354,16 +354,8 @@ def score_reference(tok, examples, tokens, lengths, cfg, reward_fn):
     def dec(ids):
         return tok.decode([t for t in ids if t < tok.vocab_size and t != tok.eos_id])
 
-    def stop_len(ids):  # binary search on decodes for the first prefix holding a stop string
-        def has(k):
-            return any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS)
-        if not ids or not has(len(ids)):
-            return len(ids)
-        lo, hi = 1, len(ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if has(mid) else (mid + 1, hi)
-        return lo
+    def stop_len(ids):  # the shortest prefix holding a stop string, by a linear scan (score() bisects)
+        return next((k for k in range(1, len(ids) + 1) if any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS)), len(ids))
     s = {k: [] for k in ("completion", "text", "reward", "parsable", "finished", "raw_len")}
     for i in range(len(tokens)):
         n = int(lengths[i])
