@@ -348,7 +348,6 @@ def test_score_cuts_at_eos_and_stop_strings():
     assert s["raw_len"] == [3, 9, 10, 4]
 
 
-
 def score_reference(tok, examples, tokens, lengths, cfg, reward_fn):
     """grpo.score() as it was: one sample at a time (a slice + tolist per row, every sample decoded and rewarded)."""
     def dec(ids):
@@ -422,6 +421,7 @@ def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch):
     assert {0.0, 1.0} <= set(want["reward"]) and not all(want["parsable"]) and any(want["repetition"])
     cuts = sum(len(ids) < n and ids[-1:] != [eos] for ids, n in zip(want["completion"], want["raw_len"]))
     assert (cuts > 4) if cut else (cuts == 0)
+
 
 # ---- learning -----------------------------------------------------------------------------------------------------
 def test_tiny_random_policy_learns_to_always_answer_C():
