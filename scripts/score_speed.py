@@ -2,7 +2,9 @@
 64 MedMCQA prompts x 16 completions of up to 32 GPT-2 tokens, twice: random tokens, and completions like a pretrained
 policy's (a letter prior per prompt; ' B' + EOS three times in four, else ' B\\nQuestion: ...' running on into random
 tokens, which the stop string cuts).
-    TIKTOKEN_GPT2_FILE=../shared/data/gpt2.tiktoken python scripts/score_speed.py ../shared/data/medmcqa/questions.jsonl"""
+    TIKTOKEN_GPT2_FILE=../shared/data/gpt2.tiktoken python scripts/score_speed.py ../shared/data/medmcqa/questions.jsonl
+Another task and width (random tokens only), e.g. config/grpo_gsm8k.py's 16 prompts x 16 x 256 new tokens:
+    TIKTOKEN_GPT2_FILE=../shared/data/gpt2.tiktoken python scripts/score_speed.py ../shared/data/gsm8k/train.jsonl gsm8k 16 256"""
 import os
 import random
 import sys
@@ -16,8 +18,11 @@ import tasks  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 tok = get_tokenizer("gpt2")
-examples = grpo.load_examples("medmcqa", sys.argv[1], 64, 0, True, "train")
-cfg = {**grpo._DEFAULTS, "samples_per_prompt": 16, "max_new_tokens": 32}
+task = sys.argv[2] if len(sys.argv) > 2 else "medmcqa"
+P = int(sys.argv[3]) if len(sys.argv) > 3 else 64  # prompts, 16 samples each
+W = int(sys.argv[4]) if len(sys.argv) > 4 else 32  # new tokens a sample
+examples = grpo.load_examples(task, sys.argv[1], P, 0, True, "train")
+cfg = {**grpo._DEFAULTS, "samples_per_prompt": 16, "max_new_tokens": W}
 
 
 def policy_like(rng, width=32):
@@ -32,13 +37,14 @@ def policy_like(rng, width=32):
     return tokens, torch.tensor([len(r) for r in rows])
 
 
-inputs = {"random tokens": (torch.randint(0, 50257, (1024, 32), generator=torch.Generator().manual_seed(0)),
-                            torch.full((1024,), 32)),
-          "policy-like": policy_like(random.Random(0))}
+inputs = {"random tokens": (torch.randint(0, 50257, (16 * P, W), generator=torch.Generator().manual_seed(0)),
+                            torch.full((16 * P,), W))}
+if task in ("medmcqa", "medqa"):
+    inputs["policy-like"] = policy_like(random.Random(0), W)
 for name, (tokens, lengths) in inputs.items():
     times = []
     for _ in range(5):
         t = time.perf_counter()
         grpo.score(tok, examples, tokens, lengths, cfg, lambda text, e: tasks.grade(e["task"], text, e))
         times.append(time.perf_counter() - t)
-    print(f"score() of 1024 samples, {name}: {min(times):.4f} s (best of 5)")
+    print(f"score() of {16 * P} samples of {W} tokens, {name}: {min(times):.4f} s (best of 5)")
