@@ -96,6 +96,8 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
                 one_step()
             sync(device)
         print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=90), flush=True)
+        if device.type == "cuda":
+            print_kernel_classes(prof, steps=2)
     timed = sorted(times[warmup:])
     median = timed[len(timed) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -104,6 +106,27 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
               "loss_last": losses[-1], "learns": losses[-1] < losses[0] - 0.1}
     del model, opt, step_model
     return result
+
+
+KERNEL_CLASSES = (  # (class, substrings of a kernel's name), first match wins; the rest is "other"
+    ("GEMMs (cuBLAS)", ("nvjet", "gemm", "xmma", "cutlass")),
+    ("attention", ("sdpa", "fmha", "flash", "cudnn", "flex")),
+    ("loss (softmax - one-hot)", ("logsumexp",)),
+    ("QK-norm + RoPE (Inductor)", ("_neg_", "cat_mul_transpose", "mul_sum_9", "mul_sum_10")),
+    ("optimizer, clipping", ("multi_tensor_apply", "lpnorm", "reduce_kernel")),
+    ("other fused elementwise (Inductor)", ("triton_",)))
+
+
+def print_kernel_classes(prof, steps):
+    """GPU kernel time per step by class (by kernel name; the QK-norm + RoPE names are medium-large's under torch 2.11)."""
+    total = {}
+    for e in prof.key_averages():
+        name = next((c for c, keys in KERNEL_CLASSES if any(k in e.key for k in keys)), "other")
+        total[name] = total.get(name, 0.0) + e.self_device_time_total / 1e3 / steps
+    whole = sum(total.values())
+    print(f"GPU kernel time per step: {whole:.1f} ms")
+    for name, ms in sorted(total.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<36} {ms:7.1f} ms {100 * ms / whole:5.1f}%")
 
 
 def attention_table(cfg, batch, block, device):

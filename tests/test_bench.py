@@ -23,3 +23,23 @@ def test_variants_rows_and_json(tmp_path):
 def test_unknown_variant_key_is_one_clear_error():
     with pytest.raises(SystemExit, match="unknown variant key 'heads'"):
         bench.parse_variant("heads=4")
+
+
+def test_kernel_classes_sum_per_step(capsys):
+    """--profile's summary: kernel names fall into their classes (first match wins), times per step, shares of 100%."""
+    class Event:
+        def __init__(self, key, us):
+            self.key, self.self_device_time_total = key, us
+
+    class Prof:
+        def key_averages(self):
+            return [Event("nvjet_sm90_tst_192x192_64x3", 6000.0), Event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 3000.0),
+                    Event("triton_red_fused_logsumexp_exp", 400.0), Event("triton_poi_fused_add_cat_mul_neg_slice", 200.0),
+                    Event("triton_poi_fused_mul_silu", 300.0), Event("multi_tensor_apply_kernel", 100.0), Event("Memset", 0.0)]
+    bench.print_kernel_classes(Prof(), steps=2)
+    out = capsys.readouterr().out
+    assert "GPU kernel time per step: 5.0 ms" in out
+    for line in ("GEMMs (cuBLAS)                           3.0 ms  60.0%", "attention                                1.5 ms  30.0%",
+                 "loss (softmax - one-hot)                 0.2 ms   4.0%", "QK-norm + RoPE (Inductor)                0.1 ms   2.0%",
+                 "other fused elementwise (Inductor)       0.1 ms   3.0%", "optimizer, clipping                      0.1 ms   1.0%"):
+        assert line in out, line
