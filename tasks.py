@@ -337,39 +337,50 @@ def has_runaway_repetition(seq, **rule):
 
 
 def runaway_repetition_rows(rows, max_period=32, min_repeats=3, min_span=12, ngram=16, max_ngram_count=3):
-    """has_runaway_repetition of many rows of token ids (>= 0) at once -> bool array: one numpy pass for a GRPO step's
-    samples (a call per sample cost ~40% of grpo.score()). Both rules read eq[d, i] = (a[i + d] == a[i]): the length
-    of the run of True ending at i is how far a unit of d tokens has repeated; n-gram w at i recurs d later when that
-    run, at i + ngram - 1, is >= ngram."""
+    """has_runaway_repetition of many rows of token ids (>= 0) at once -> bool array: numpy passes over a GRPO step's
+    samples (a call per sample cost ~40% of grpo.score()). Repeated units: eq[i, d] = (a[i + d] == a[i]) for d up to
+    max_period, whose run of True ending at i is how far a unit of d tokens has repeated. Repeated n-grams: a 64-bit
+    hash of every window, sorted per row; rows where one hash comes max_ngram_count times are checked exactly."""
     n = np.array([len(r) for r in rows], dtype=np.int64)
     L = int(n.max(initial=0))
-    periods = min(max_period, L // min_repeats)
-    D = max(periods, L - ngram + 1 if ngram else 0)  # the offsets either rule needs
     out = np.zeros(len(rows), dtype=bool)
-    if D < 1:
+    if L == 0:
         return out
     a = -1 - np.tile(np.arange(L), (len(rows), 1))  # padding: a different negative number per column, equal to nothing
     for r, ids in enumerate(rows):
         a[r, :len(ids)] = ids
-    a = np.ascontiguousarray(a.T)  # (L, R): positions first, so each step of the run loop below is one contiguous slice
-    i, d = np.arange(L), np.arange(1, D + 1)
-    later = np.minimum(i[:, None] + d, L - 1)  # (L, D); past the end, a[L - 1] compares unequal or is masked below
-    inside = (i[:, None] + d < L)[:, :, None]
-    per = max(1, (1 << 22) // (D * L))  # rows at a time: ~4M elements per array
-    for s in range(0, len(rows), per):
-        x, m = a[:, s:s + per], n[s:s + per]
-        eq = (x[later] == x[:, None, :]) & inside  # (L, D, R)
-        run = eq.astype(np.int32)  # length of the run of True ending at i, position by position: each a (D, R) slice
-        for j in range(1, L):  # (np.maximum.accumulate along a short last axis made the whole call ~4x slower)
-            run[j] *= run[j - 1] + 1
-        if periods:  # a unit of p tokens repeated over run + p tokens; p up to each row's n // min_repeats
-            p = d[:periods, None]
-            hit = (run[:, :periods].max(0) + p >= np.maximum(p * min_repeats, min_span)) & (p <= m // min_repeats)
-            out[s:s + per] |= hit.any(0)
-        if ngram and L >= ngram:  # the window at i recurs at i + d; a first occurrence with max_ngram_count - 1 recurrences
-            recur = (run[ngram - 1:] >= ngram).sum(1)  # (L - ngram + 1, R)
-            whole = i[:L - ngram + 1, None] <= m - ngram  # windows inside the row
-            out[s:s + per] |= ((recur >= max_ngram_count - 1) & whole).any(0)
+    periods = min(max_period, L // min_repeats)
+    if periods:  # a unit of p tokens repeated over run + p tokens; p up to each row's n // min_repeats
+        x = np.ascontiguousarray(a.T)  # (L, R): positions first, so each step of the run loop is one contiguous slice
+        i, d = np.arange(L), np.arange(1, periods + 1)
+        later, inside = np.minimum(i[:, None] + d, L - 1), (i[:, None] + d < L)[:, :, None]  # (L, periods)
+        p = d[:, None]
+        per = max(1, (1 << 22) // (periods * L))  # rows at a time: ~4M elements per array
+        for r0 in range(0, len(rows), per):
+            rs = slice(r0, r0 + per)
+            run = ((x[later, rs] == x[:, None, rs]) & inside).astype(np.int32)  # (L, periods, rows)
+            for j in range(1, L):  # length of the run of True ending at j, position by position
+                run[j] *= run[j - 1] + 1
+            hit = (run.max(0) + p >= np.maximum(p * min_repeats, min_span)) & (p <= n[rs] // min_repeats)
+            out[rs] |= hit.any(0)
+    if ngram and L >= ngram:  # a window of ngram tokens occurring max_ngram_count times or more
+        W = L - ngram + 1
+        h = np.zeros((len(rows), W), dtype=np.uint64)
+        with np.errstate(over="ignore"):  # the hash wraps around 2**64 on purpose
+            for k in range(ngram):
+                h = h * np.uint64(1000003) + a[:, k:k + W].astype(np.uint64)
+        past_end = np.uint64(2**64 - 1) - np.arange(W, dtype=np.uint64)  # windows past a row's end: all different
+        h = np.where(np.arange(W) <= (n - ngram)[:, None], h, past_end)
+        s = np.sort(h, axis=1)
+        c = max_ngram_count - 1
+        maybe = ~out & (s[:, c:] == s[:, :W - c]).any(1) if c < W else np.zeros_like(out)  # a hash max_ngram_count times
+        for r in np.flatnonzero(maybe):  # count those rows' windows exactly: a hash collision flags nothing
+            ids = list(rows[r])
+            counts = {}
+            for j in range(len(ids) - ngram + 1):
+                w = tuple(ids[j:j + ngram])
+                counts[w] = counts.get(w, 0) + 1
+            out[r] = max(counts.values(), default=0) >= max_ngram_count
     return out
 
 

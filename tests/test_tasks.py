@@ -170,6 +170,9 @@ def test_runaway_repetition_rows_match_counted_ngrams_and_one_row_at_a_time():
         assert 10 < sum(expected) < 590  # both outcomes represented
     together = tasks.runaway_repetition_rows(rows)
     assert together.tolist() == [has_runaway_repetition(r) for r in rows]
+    long_rows = [(r * 9)[:rng.randrange(200, 300)] for r in rows[:120]] * 8  # > 4M (position, period, row) elements:
+    together = tasks.runaway_repetition_rows(long_rows)                       # the periodic rule runs in row chunks
+    assert together.tolist() == [has_runaway_repetition(r) for r in long_rows] and 0 < together.sum() < len(long_rows)
 
 
 @needs_shared
