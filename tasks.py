@@ -14,6 +14,7 @@ import math
 import random
 import re
 import zlib
+from collections import Counter
 from decimal import Decimal, InvalidOperation
 
 import numpy as np
@@ -372,15 +373,12 @@ def runaway_repetition_rows(rows, max_period=32, min_repeats=3, min_span=12, ngr
         past_end = np.uint64(2**64 - 1) - np.arange(W, dtype=np.uint64)  # windows past a row's end: all different
         h = np.where(np.arange(W) <= (n - ngram)[:, None], h, past_end)
         s = np.sort(h, axis=1)
-        c = max_ngram_count - 1
+        c = max(max_ngram_count - 1, 0)
         maybe = ~out & (s[:, c:] == s[:, :W - c]).any(1) if c < W else np.zeros_like(out)  # a hash max_ngram_count times
         for r in np.flatnonzero(maybe):  # count those rows' windows exactly: a hash collision flags nothing
             ids = list(rows[r])
-            counts = {}
-            for j in range(len(ids) - ngram + 1):
-                w = tuple(ids[j:j + ngram])
-                counts[w] = counts.get(w, 0) + 1
-            out[r] = max(counts.values(), default=0) >= max_ngram_count
+            windows = Counter(tuple(ids[j:j + ngram]) for j in range(len(ids) - ngram + 1))
+            out[r] = max(windows.values(), default=0) >= max_ngram_count
     return out
 
 
