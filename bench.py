@@ -7,7 +7,9 @@ shape (compiled) as the baseline. Prints a table last and writes JSON.
         --baseline --decode --json bench.json
 
 A variant is comma-separated key=value over: attention, precision, residual, compile (1/0), checkpoint_activations
-(1/0), micro_batch, block_size, fp8_skip (0: FP8 in every block layer) and model shape keys (n_head, head_dim, ...). MFU follows ../shared/README.md (PaLM appendix B; 989e12 bf16 peak).
+(1/0), micro_batch, block_size, grad_accum (micro-batches per optimizer step; 16 in config/a100_2day.py), tune (1:
+Inductor's coordinate-descent tuning of its Triton kernels; train.py does not tune), fp8_skip (0: FP8 in every block
+layer) and model shape keys (n_head, head_dim, ...). MFU follows ../shared/README.md (PaLM appendix B; 989e12 peak).
 Runs on the CPU too (tiny presets, for a smoke check): --device cpu --preset debug.
 """
 import argparse
@@ -50,7 +52,7 @@ def parse_variant(text):
     v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}  # fp8_skip=0: FP8 in every layer
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip", "residual") + SHAPE_KEYS:
+        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip", "residual", "grad_accum", "tune") + SHAPE_KEYS:
             raise SystemExit(f"unknown variant key {key!r}")
         v[key] = int(value) if value.isdigit() else value
     return v
@@ -61,8 +63,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(build, batch, block, steps, warmup, device, compile_model, loss_fn, profile=False):
-    """Tokens/s and peak memory of full optimizer steps (forward, backward, clip, fused AdamW) on random tokens."""
+def time_training(build, batch, block, steps, warmup, device, compile_model, loss_fn, profile=False, grad_accum=1):
+    """Tokens/s and peak memory of full optimizer steps (grad_accum x (forward, backward), clip, fused AdamW) on
+    random tokens; synchronized once per optimizer step, as train.py is."""
     model = build().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if compile_model else model
@@ -73,9 +76,10 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     def one_step():
-        with autocast:
-            loss = loss_fn(step_model, x[:, :-1], x[:, 1:])
-        loss.backward()
+        for _ in range(grad_accum):
+            with autocast:
+                loss = loss_fn(step_model, x[:, :-1], x[:, 1:])
+            (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,7 +98,7 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
         with torch.profiler.profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
             for _ in range(2):
                 one_step()
-            sync(device)
+            sync(device)  # classes below are per optimizer step (grad_accum micro-batches)
         print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=90), flush=True)
         if device.type == "cuda":
             print_kernel_classes(prof, steps=2)
@@ -102,7 +106,7 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
     median = timed[len(timed) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     # the same batch every step: a loss that does not fall means the gradients are broken, whatever the speed
-    result = {"tokens_per_s": batch * block / median, "step_s": median, "peak_gib": peak, "loss_first": losses[0],
+    result = {"tokens_per_s": batch * block * grad_accum / median, "step_s": median, "peak_gib": peak, "loss_first": losses[0],
               "loss_last": losses[-1], "learns": losses[-1] < losses[0] - 0.1}
     del model, opt, step_model
     return result
@@ -171,6 +175,7 @@ def release():
 
 
 def main(args):
+    import torch._inductor.config  # here, not at import: importing it loads triton, which tests want in interpreter mode
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
@@ -185,10 +190,11 @@ def main(args):
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
         cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
         name = "ours " + ",".join(f"{k}={v[k]}" for k in v)
+        torch._inductor.config.coordinate_descent_tuning = bool(v.get("tune", 0))
         print(f"--- {name}: {batch} x {block}", flush=True)
         try:
             r = time_training(lambda: GPT(cfg), batch, block, args.steps, args.warmup, device, v["compile"],
-                              lambda m, x, y: m(x, y), args.profile)
+                              lambda m, x, y: m(x, y), args.profile, v.get("grad_accum", 1))
         except Exception as e:  # one failing variant (e.g. a missing package) must not hide the others
             print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -198,6 +204,7 @@ def main(args):
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
     M.ATTENTION, M.PRECISION, M.RESIDUAL = SWITCHES.values()  # the baseline and decoding run on the defaults
+    torch._inductor.config.coordinate_descent_tuning = False
     fp8.skip_fp8_shapes = set(FP8_SKIP)
     if args.baseline:
         from transformers import Qwen3Config, Qwen3ForCausalLM
