@@ -49,3 +49,6 @@ def clip_and_profile(*args, **kwargs):
 torch.nn.utils.clip_grad_norm_ = clip_and_profile
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+if state["calls"] < FROM + STEPS:  # a run too short for the window would otherwise print nothing
+    raise SystemExit(f"profile_train.py: train.py ran {state['calls']} optimizer steps, fewer than PROFILE_FROM + "
+                     f"PROFILE_STEPS = {FROM + STEPS}: nothing profiled")
