@@ -115,8 +115,9 @@ def test_batched_generation_of_different_lengths_matches_one_by_one():
 def test_kept_decoder_is_reused_and_decodes_like_a_fresh_one():
     """generate(keep_decoder=True), as GRPO's rollouts call it: the second call with as many rows reuses the first
     call's cache (its slots rounded up to 128, the stale K/V of the first prompts still in them, masked; the prompts
-    left-padded to a multiple of 32 tokens) and gives a fresh call's greedy tokens; a call that needs more slots replaces it, and that longer cache serves shorter prompts;
-    another batch size replaces it; moving the model drops it."""
+    left-padded to a multiple of 32 tokens) and gives a fresh call's greedy tokens; a call that needs more slots
+    replaces it, and that longer cache serves shorter prompts; another batch size replaces it; moving the model
+    drops it."""
     m = tiny()
     first = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
     second = [[9, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]]  # other lengths, so other left padding
