@@ -17,6 +17,6 @@ warmup_tokens = 20 * 16 * 2048
 max_tokens = 120 * 16 * 2048  # 3.9M tokens, ~1 min at 67k tokens/s on an H200
 schedule = "cosine"
 eval_every_steps = 60
-eval_tokens = 250_000  # the first 122 windows of val: the same ones bench_dsa.py quality reads
+eval_tokens = 250_000  # the first 122 windows of val: the same ones dev/bench_dsa.py quality reads
 checkpoint_every_steps = 0
 compile = False  # see config/dsa_warmup.py

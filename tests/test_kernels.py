@@ -2,7 +2,7 @@
 
 The interpreter (TRITON_INTERPRET=1, read when triton.jit wraps the kernel, so it is set before kernels builds it)
 runs the kernel in numpy. Its tl.dot multiplies bfloat16 as raw uint16 bits (triton 3.5), so these tests feed
-float16; bfloat16 is checked on the GPU by scripts/decode_attention.py against model.decode_attend."""
+float16; bfloat16 is checked on the GPU by dev/decode_attention.py against model.decode_attend."""
 import os
 import sys
 

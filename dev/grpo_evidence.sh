@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU evidence for grpo.py (BENCHMARKS.md, "## GRPO"). Each stage is one command, each under ~8 minutes on an H100:
 #
-#   bash scripts/grpo_evidence.sh mix_pretrain        # GPT-2 BPE: Gutenberg + addition + MedMCQA text (CKPT_MED)
-#   bash scripts/grpo_evidence.sh addition_pretrain   # Gutenberg + 25% addition text, character-level, small
-#   bash scripts/grpo_evidence.sh addition            # held-out addition accuracy before / GRPO / after, reward curve
-#   bash scripts/grpo_evidence.sh med_pretrain        # only without CKPT_MED: Gutenberg + MedMCQA text, small
-#   bash scripts/grpo_evidence.sh med                 # MedQA dev, loglik + generative, before / GRPO on MedMCQA / after
-#   bash scripts/grpo_evidence.sh bench               # rollout new tokens/s: ours vs transformers, medium-large, 256 x 256
+#   bash dev/grpo_evidence.sh mix_pretrain        # GPT-2 BPE: Gutenberg + addition + MedMCQA text (CKPT_MED)
+#   bash dev/grpo_evidence.sh addition_pretrain   # Gutenberg + 25% addition text, character-level, small
+#   bash dev/grpo_evidence.sh addition            # held-out addition accuracy before / GRPO / after, reward curve
+#   bash dev/grpo_evidence.sh med_pretrain        # only without CKPT_MED: Gutenberg + MedMCQA text, small
+#   bash dev/grpo_evidence.sh med                 # MedQA dev, loglik + generative, before / GRPO on MedMCQA / after
+#   bash dev/grpo_evidence.sh bench               # rollout new tokens/s: ours vs transformers, medium-large, 256 x 256
 #
 # Inputs (environment):
 #   DATA           folder with gpt2.tiktoken, gutenberg/, medmcqa/questions.jsonl, medqa/dev.jsonl   [../shared/data]
@@ -72,7 +72,7 @@ med)  # ~1 min of evaluations + ~5 min of GRPO (config/usmle.py, shortened)
         --json "$OUT/medqa_after.json"
     ;;
 bench)  # ~2 min: medium-large random weights, batch 256, 128-token prompts, 256 new tokens
-    python bench_rollout.py --json "$OUT/bench_rollout.json"
+    python dev/bench_rollout.py --json "$OUT/bench_rollout.json"
     ;;
 *)
     sed -n '2,18p' "$0"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issues 4 and 6 on one machine with 2 or 4 GPUs: tokens/s per GPU of DDP and FSDP against one GPU (medium-large,
 # 16 x 2048 per GPU, compiled, Gutenberg tokens), then the FSDP run on all GPUs resumed on half of them. Table last.
-#   SRC=../shared/data bash scripts/multigpu_evidence.sh
+#   SRC=../shared/data bash dev/multigpu_evidence.sh
 # Environment: NGPU (2 or 4; default: all visible), SRC (data folder), RUNS (output folder, out/multigpu), STEPS per
 # run (25), ONLY (a subset of "single ddp2 ddp4 fsdp"; fsdp includes its resume), MB and BLOCK (16, 2048), ARGS (more
 # --key=value; a CPU smoke run with gloo:
@@ -14,7 +14,7 @@ NGPU=${NGPU:-$(python -c "import torch; print(min(4, torch.cuda.device_count()))
 [ "$NGPU" = 2 ] || [ "$NGPU" = 4 ] || { echo "needs 2 or 4 GPUs (NGPU=$NGPU)"; exit 2; }
 HALF=$((NGPU / 2))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-source scripts/gutenberg_data.sh
+source dev/gutenberg_data.sh
 MB=${MB:-16} BLOCK=${BLOCK:-2048}
 common=(config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=$BLOCK --micro_batch=$MB --grad_accum=1
         --eval_every_steps=0 --log_every_steps=5 --checkpoint_every_steps=0

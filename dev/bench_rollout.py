@@ -2,8 +2,8 @@
 Rollout throughput: model.py's generate() (batched, static KV cache) beside transformers' Qwen3ForCausalLM.generate()
 on the same random weights, in the same process: new tokens per second.
 
-    python bench_rollout.py                                   # GPU: medium-large, batch 256, 128-token prompts, 256 new
-    python bench_rollout.py --preset debug --batch 4 --prompt_len 16 --new_tokens 16 --repeats 1   # CPU check
+    python dev/bench_rollout.py                                   # GPU: medium-large, batch 256, 128-token prompts, 256 new
+    python dev/bench_rollout.py --preset debug --batch 4 --prompt_len 16 --new_tokens 16 --repeats 1   # CPU check
 
 Both sample (temperature 1, no top-k / top-p) every one of the new tokens (no EOS: random weights would stop at random
 places). Ours runs twice: fp32 master weights under bf16 autocast (what grpo.py does; autocast caches the bf16 weight
@@ -12,11 +12,14 @@ copies for the whole generate() call) and bf16 weights (no per-call weight cast)
 """
 import argparse
 import json
+import os
+import sys
 import time
 import torch
 
-import model as M
-from model import GPT, hf_config_dict, make_config, to_hf_state_dict
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from dev/: the project's modules
+import model as M  # noqa: E402
+from model import GPT, hf_config_dict, make_config, to_hf_state_dict  # noqa: E402
 
 
 def timed(fn, device, repeats, warmup):

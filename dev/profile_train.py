@@ -1,6 +1,6 @@
 """Profile train.py as it runs: GPU kernel time of optimizer steps FROM .. FROM+STEPS against the wall, by kernel
 class (bench.print_kernel_classes), then the 40 longest kernels. Same arguments as train.py; needs a GPU.
-    PROFILE_FROM=5 PROFILE_STEPS=2 python scripts/profile_train.py config/a100_2day.py --max_tokens=5242880
+    PROFILE_FROM=5 PROFILE_STEPS=2 python dev/profile_train.py config/a100_2day.py --max_tokens=5242880
 The profiled steps run slower (the profiler's own host work); compare the kernel time with the unprofiled
 tok/s that train.py logs for the other steps."""
 import os

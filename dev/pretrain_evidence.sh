@@ -6,7 +6,7 @@ SRC=${SRC:-../shared/data}
 OUT=${OUT:-out/evidence}
 mkdir -p "$OUT"
 export TIKTOKEN_GPT2_FILE=$SRC/gpt2.tiktoken PYTHONUNBUFFERED=1
-python scripts/gpu_checks.py || { echo "GPU checks failed: stopping"; exit 1; }
+python dev/gpu_checks.py || { echo "GPU checks failed: stopping"; exit 1; }
 python prepare_data.py --source $SRC/gutenberg/train.parquet --val-source $SRC/gutenberg/val.parquet --out data/gutenberg --overwrite
 python prepare_data.py --tokenizer char --source $SRC/tinyshakespeare/input.txt --val-fraction 0.1 --out data/shakespeare_char --overwrite
 SECONDS=0

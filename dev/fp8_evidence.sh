@@ -2,15 +2,15 @@
 # Issue 4's precision checks: the per-GEMM table (`python fp8.py`), then medium-large trained 300 steps of 16 x 2048 on
 # the Gutenberg tokens once per variant from the same seed and data order: final train and val loss and tokens/s, side
 # by side, each against the first variant. VARIANTS: ";"-separated name:train.py flags (default bf16 against fp8).
-#   SRC=../shared/data bash scripts/fp8_evidence.sh          (RUNS: out/fp8_check; STEPS: 300; MB, BLOCK: 16, 2048; ARGS: more overrides)
-#   SRC=../shared/data SKIP_GEMM_TABLE=1 VARIANTS="fp32:--residual=fp32;autocast:--residual=autocast" bash scripts/fp8_evidence.sh
+#   SRC=../shared/data bash dev/fp8_evidence.sh          (RUNS: out/fp8_check; STEPS: 300; MB, BLOCK: 16, 2048; ARGS: more overrides)
+#   SRC=../shared/data SKIP_GEMM_TABLE=1 VARIANTS="fp32:--residual=fp32;autocast:--residual=autocast" bash dev/fp8_evidence.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-out/fp8_check}
 STEPS=${STEPS:-300}
 MB=${MB:-16} BLOCK=${BLOCK:-2048}
 VARIANTS=${VARIANTS:-bf16:--precision=bf16;fp8:--precision=fp8}
-source scripts/gutenberg_data.sh
+source dev/gutenberg_data.sh
 [ -n "${SKIP_GEMM_TABLE:-}" ] || python fp8.py --preset medium-large 2>&1 | grep -vi warn
 IFS=";" read -ra VARIANT_LIST <<< "$VARIANTS"
 NAMES=()

@@ -5,15 +5,15 @@
 # log-probs + compiled forwards), one run after another; the final table has a line per (variant, micro_batch) with the
 # mean phase times of steps 2-STEPS from each run's log.jsonl (t_rollout, t_score, t_logprobs, t_train, t_step) and the step's
 # speed-up over the first variant at that micro_batch.
-#   SRC=../shared/data bash scripts/grpo_speed.sh
-#   SRC=../shared/data MBS="64 256" VARIANTS="base:--compile=False;fused:--compile=False --fuse_old_logprobs=True" bash scripts/grpo_speed.sh
+#   SRC=../shared/data bash dev/grpo_speed.sh
+#   SRC=../shared/data MBS="64 256" VARIANTS="base:--compile=False;fused:--compile=False --fuse_old_logprobs=True" bash dev/grpo_speed.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-out/grpo_speed}
 STEPS=${STEPS:-5}
 MBS=${MBS:-256}
 VARIANTS=${VARIANTS:-base:--fuse_old_logprobs=False --compile=False;new:--fuse_old_logprobs=True --compile=True}
-source scripts/gutenberg_data.sh
+source dev/gutenberg_data.sh
 python train.py config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=2048 --micro_batch=16 \
     --max_tokens=327680 --warmup_tokens=32768 --eval_every_steps=0 --compile=False --out_dir="$RUNS/ml" | grep -E "saved"
 IFS=";" read -ra VARIANT_LIST <<< "$VARIANTS"

@@ -2,11 +2,11 @@
 DeepSeek Sparse Attention (model.py's DSA section) measured: speed against dense SDPA, and quality from a checkpoint.
 BENCHMARKS.md's DSA section holds the commands and the numbers.
 
-  python bench_dsa.py speed       # fwd+bwd of one attention layer, dense vs DSA, T = 2k/8k/32k, medium-large shape
-  python bench_dsa.py decode      # one new token against a T-long KV cache (batch 16): dense vs DSA
-  python bench_dsa.py quality --ckpt out/dsa_warmup/ckpt.pt --data_dir data/gutenberg
+  python dev/bench_dsa.py speed       # fwd+bwd of one attention layer, dense vs DSA, T = 2k/8k/32k, medium-large shape
+  python dev/bench_dsa.py decode      # one new token against a T-long KV cache (batch 16): dense vs DSA
+  python dev/bench_dsa.py quality --ckpt out/dsa_warmup/ckpt.pt --data_dir data/gutenberg
                                   # val loss of dense vs DSA at k = T/8, T/4 (and a recent-k window), indexer recall
-  python bench_dsa.py all --device cpu --tiny    # every part at tiny sizes on the CPU: a smoke check
+  python dev/bench_dsa.py all --device cpu --tiny    # every part at tiny sizes on the CPU: a smoke check
 
 quality takes a dense checkpoint too: --warmup_steps N then trains a fresh indexer here (stage 1 only, the
 main model frozen) before measuring; train.py with config/dsa_warmup.py and config/dsa_sparse.py runs both stages.
@@ -15,14 +15,16 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-import model as M
-from model import GPT, GPTConfig, make_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from dev/: the project's modules
+import model as M  # noqa: E402
+from model import GPT, GPTConfig, make_config  # noqa: E402
 
 
 def sync(dev):
