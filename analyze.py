@@ -67,9 +67,9 @@ def plot_attention(ckpt_path, data_dir, out, n_windows, block):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from checkpoint import load_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_from_checkpoint(load_checkpoint(ckpt_path), device).eval()
+    model = load_model(ckpt_path, device)[0].eval()
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     val = np.memmap(os.path.join(data_dir, meta["splits"]["val"]["files"][0]), dtype=meta["dtype"], mode="r")
     T = min(block, model.cfg.block_size, len(val) // n_windows)

@@ -2,10 +2,13 @@
 One checkpoint format for train.py, grpo.py, sample.py, eval and export: a dict of tensors and plain
 Python values (model config, weights, optimizer, step, data position, RNG states, the resolved run
 config, the tokenizer), written atomically and read with torch.load(weights_only=True), so loading
-never runs pickled code from a file someone handed you.
+never runs pickled code from a file someone handed you. Also the run set-up that train.py and grpo.py
+share: device and autocast, seeds, RNG state, stop signals, the JSON-lines log.
 """
 import json
 import os
+import signal
+from contextlib import nullcontext
 
 import torch
 
@@ -14,7 +17,7 @@ from model import GPT, GPTConfig
 
 def save_checkpoint(path, ckpt):
     """Write to a temporary file, fsync, then rename: a crash or a full disk never leaves a half-written
-    file in place of a good one."""
+    file in place of a good one. Returns True when written; on failure prints one warning and returns False."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -23,6 +26,11 @@ def save_checkpoint(path, ckpt):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        return True
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
+        print(f"WARNING: could not write {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "the previous checkpoint is intact", flush=True)
+        return False
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -33,19 +41,99 @@ def load_checkpoint(path, map_location="cpu"):
         raise SystemExit(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, corrupt, or holding objects we refuse to unpickle
+    except Exception as e:  # truncated, empty, corrupt, or holding objects we refuse to unpickle
+        first = (str(e).splitlines() or [""])[0][:200]
         raise SystemExit(f"cannot read checkpoint {path}: it is truncated, corrupt or not a checkpoint of this project "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                         f"({type(e).__name__}: {first})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise SystemExit(f"{path} is not a checkpoint of this project (no model / model_config)")
     return ckpt
 
 
-def model_from_checkpoint(ckpt, device="cpu"):
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+def load_model(source, device="cpu", strict=True, **overrides):
+    """The one model loader: source is a checkpoint path, a Qwen3-layout folder or an already loaded checkpoint dict;
+    overrides replace GPTConfig fields (e.g. dropout=0.0). strict=False lets only DSA indexer weights be missing
+    (a dense checkpoint starting DSA). -> (model on device, checkpoint dict)."""
+    if isinstance(source, dict):
+        ckpt, name = source, "the checkpoint"
+    else:
+        ckpt, name = (load_hf_folder(source) if os.path.isdir(source) else load_checkpoint(source)), source
+    model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    return model.to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if strict or "indexer" not in k]:
+        raise SystemExit(f"{name} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device), ckpt
+
+
+def setup_device(device="auto", dtype="auto", seed=0, local_rank=0):
+    """Resolve "auto", seed torch, allow TF32. -> (torch.device, autocast context, dtype name)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("device=cuda but no GPU is visible; use --device=cpu (and a small model)")
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise SystemExit(f"dtype must be 'auto', 'bfloat16' or 'float32', not {dtype!r}")
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return dev, autocast, dtype
+
+
+def rng_state(dev):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None}
+
+
+def set_rng_state(state, dev):
+    torch.set_rng_state(state["torch"])
+    if dev.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stop_signals():
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) append to the returned list instead of killing the run: the loop
+    finishes its step, checkpoints and exits 0."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: received.append(s))
+    return received
+
+
+def run_logger(out_dir, resume_step=None):
+    """log(record): one JSON line in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed.
+    resume_step: keep the lines up to that step and drop the rest (steps a resumed run will redo); None = a new log."""
+    path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:  # a line cut by a kill: the steps after it are redone anyway
+                    break
+    log_file = open(path, "w")
+    log_file.writelines(kept)
+    log_file.flush()
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(out_dir, "tb"))
+    except ImportError:
+        tb = None
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        for k, v in record.items() if tb else ():
+            if isinstance(v, (int, float)) and k != "step":
+                tb.add_scalar(k, v, record["step"])
+    return log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,24 +159,6 @@ def _hf_tokenizer_entry(folder):
         return {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}
     tok = hf_tokenizer(path)  # the vocab size and EOS that tokenizer.load_tokenizer will check against
     return {"tokenizer": path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
-
-def run_logger(out_dir, mode="a"):
-    """log(record): one JSON line in out_dir/log.jsonl, and TensorBoard scalars when tensorboard is installed."""
-    log_file = open(os.path.join(out_dir, "log.jsonl"), mode)
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(out_dir, "tb"))
-    except ImportError:
-        tb = None
-
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        for k, v in record.items() if tb else ():
-            if isinstance(v, (int, float)) and k != "step":
-                tb.add_scalar(k, v, record["step"])
-    return log
-
 
 def load_hf_folder(folder):
     """Read config.json + model.safetensors (or its shards) of a Qwen3ForCausalLM folder into a checkpoint dict

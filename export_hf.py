@@ -18,7 +18,7 @@ import shutil
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, load_model
 from model import GPTConfig, hf_config_dict, to_hf_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,7 +145,7 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
         except RuntimeError as e:
             raise SystemExit(f"export_hf: {e}")
     os.makedirs(out, exist_ok=True)
-    model = model_from_checkpoint(ckpt)
+    model = load_model(ckpt)[0]
     cfg = model.cfg
 
     sd = to_hf_state_dict(model)

@@ -735,7 +735,7 @@ if __name__ == "__main__":
             json.dump({"init_from": init_from, "eval_task": eval_task, "eval_data": eval_data, **ev}, f, indent=1)
         sys.exit(0)
 
-    write_log = run_logger(out_dir, "w" if not resume else "a")
+    write_log = run_logger(out_dir, step if resume else None)
 
     def log_record(rec):
         records.append(rec)  # kept for the reward curve PNG

@@ -10,7 +10,7 @@ import time
 import torch
 
 import model as M
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, load_model
 from tokenizer import load_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +31,7 @@ def main(args):
     M.ATTENTION = args.attention
     ckpt = load_checkpoint(args.ckpt)
     tok = load_tokenizer(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt, device).eval()
+    model = load_model(ckpt, device)[0].eval()
     start = open(args.start[5:]).read() if args.start.startswith("FILE:") else args.start
     prompt = tok.encode(start) or [tok.eos_id]  # an empty prompt starts from a document boundary
     generator = torch.Generator(device).manual_seed(args.seed)

@@ -203,8 +203,9 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
     if RANK != 0:
         return
     path = os.path.join(out_dir, "ckpt.pt")
+    if not save_checkpoint(path, ckpt):  # warned; the previous checkpoint is intact; keep training
+        return
     try:
-        save_checkpoint(path, ckpt)
         for name in [f"ckpt_{step:07d}.pt"] + (["best.pt"] if is_best else []):
             link = os.path.join(out_dir, name)
             if os.path.exists(link):
@@ -333,7 +334,7 @@ if __name__ == "__main__":
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
         signal.signal(sig, lambda s, f: stop_signal.append(s))
-    log_record = run_logger(out_dir) if RANK == 0 else (lambda record: None)
+    log_record = run_logger(out_dir, start_step if init_from == "resume" else None) if RANK == 0 else (lambda record: None)
 
     step, bad_steps, t_start, data_s = start_step, 0, time.time(), 0.0
     t_last, tokens_last = time.time(), tokens_seen

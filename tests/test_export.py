@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import load_hf_folder, model_from_checkpoint, save_checkpoint
+from checkpoint import load_hf_folder, load_model, save_checkpoint
 from conftest import SHARED
 from export_hf import export
 from model import GPT, make_config
@@ -62,7 +62,7 @@ def test_transformers_logits_equal_ours_and_import_round_trips(tmp_path, tie):
     ckpt = load_hf_folder(out)  # and back
     assert ckpt["model_config"] == asdict(m.cfg) and "tokenizer" not in ckpt and ckpt["kind"] == "hf"
     with torch.no_grad():
-        assert torch.equal(model_from_checkpoint(ckpt).eval()(idx), ours)
+        assert torch.equal(load_model(ckpt)[0].eval()(idx), ours)
 
 
 def test_bfloat16_export(tmp_path):
@@ -115,7 +115,7 @@ def test_load_hf_folder_reads_a_transformers_saved_qwen3(tmp_path, tie):
     assert (c["n_kv_head"], c["head_dim"], c["mlp_hidden"], c["rope_theta"], c["norm_eps"], c["tie_embeddings"]) == (1, 32, 160, 5e5, 1e-5, tie)
     idx = torch.randint(0, 300, (2, 50))
     with torch.no_grad():
-        assert (model_from_checkpoint(ckpt).eval()(idx) - h(idx).logits).abs().max().item() < 1e-4
+        assert (load_model(ckpt)[0].eval()(idx) - h(idx).logits).abs().max().item() < 1e-4
 
 
 def test_load_hf_folder_refusals(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 import grpo
 import tasks
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, load_model
 from model import GPT, make_config, packed_mask
 from tokenizer import load_tokenizer
 
@@ -476,7 +476,7 @@ def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
     assert a["kind"] == b["kind"] == "grpo" and a["step"] == b["step"] == 3 and a["data_state"] == b["data_state"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    model_from_checkpoint(b)  # the same format train.py writes: loadable by sample.py / eval.py as is
+    load_model(b)  # the same format train.py writes: loadable by sample.py / eval.py as is
     recs = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
     trained = [r for r in recs if "loss" in r]
     for key in ("reward_mean", "reward_std", "accuracy", "frac_zero_std", "len_mean", "len_max", "truncated", "clip_low",

@@ -149,8 +149,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         f.write(b"partial bytes")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", half_write)
-    with pytest.raises(OSError):
-        checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_config": {}})
+    assert checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_config": {}}) is False
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
     assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
