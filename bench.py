@@ -9,7 +9,7 @@ shape (compiled) as the baseline. Prints a table last and writes JSON.
 A variant is comma-separated key=value over: attention, precision, residual, compile (1/0), checkpoint_activations
 (1/0), micro_batch, block_size, grad_accum (micro-batches per optimizer step; 16 in config/a100_2day.py), tune (1:
 Inductor's coordinate-descent tuning of its Triton kernels; train.py does not tune), fp8_skip (0: FP8 in every block
-layer) and model shape keys (n_head, head_dim, ...). MFU follows ../shared/README.md (PaLM appendix B; 989e12 peak).
+layer) and model shape keys (n_head, head_dim, ...). MFU: PaLM appendix B's FLOPs over a 989e12 peak.
 Runs on the CPU too (tiny presets, for a smoke check): --device cpu --preset debug.
 """
 import argparse
@@ -19,12 +19,14 @@ import time
 
 import torch
 
+import attention as A
+import engine
 import fp8
 import model as M
 from model import GPT, make_config
 
 FP8_SKIP = frozenset(fp8.skip_fp8_shapes)  # the measured default; variant fp8_skip=0 puts every block layer in FP8
-SWITCHES = {"ATTENTION": M.ATTENTION, "PRECISION": M.PRECISION, "RESIDUAL": M.RESIDUAL}  # model.py's defaults
+SWITCHES = {"ATTENTION": A.ATTENTION, "RESIDUAL": M.RESIDUAL}  # the modules' defaults
 
 PEAK_FLOPS = 989e12
 
@@ -55,7 +57,17 @@ def parse_variant(text):
         if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip", "residual", "grad_accum", "tune") + SHAPE_KEYS:
             raise SystemExit(f"unknown variant key {key!r}")
         v[key] = int(value) if value.isdigit() else value
+    if v["precision"] not in ("bf16", "fp8"):
+        raise SystemExit(f"unknown precision {v['precision']!r}; use bf16 or fp8")
     return v
+
+
+def build(cfg, precision):
+    """GPT(cfg), its blocks' matmuls in FP8 when precision is "fp8" (as train.py does)."""
+    model = GPT(cfg)
+    if precision == "fp8":
+        fp8.convert_to_fp8(model)
+    return model
 
 
 def sync(device):
@@ -156,7 +168,7 @@ def attention_table(cfg, batch, block, device):
             except Exception as e:
                 out[name] = f"{type(e).__name__}"
     try:  # the flash-attn package, where installed
-        flash = M._load_flash()
+        flash = A._load_flash()
         qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, *kv))
 
         def run_flash():
@@ -185,7 +197,7 @@ def main(args):
     for text in [] if args.skip_train else args.variant or [""]:
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
-        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", SWITCHES["RESIDUAL"])
+        A.ATTENTION, M.RESIDUAL = v["attention"], v.get("residual", SWITCHES["RESIDUAL"])
         fp8.skip_fp8_shapes = set(FP8_SKIP) if v.get("fp8_skip", 1) else set()
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
         cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
@@ -193,7 +205,7 @@ def main(args):
         torch._inductor.config.coordinate_descent_tuning = bool(v.get("tune", 0))
         print(f"--- {name}: {batch} x {block}", flush=True)
         try:
-            r = time_training(lambda: GPT(cfg), batch, block, args.steps, args.warmup, device, v["compile"],
+            r = time_training(lambda: build(cfg, v["precision"]), batch, block, args.steps, args.warmup, device, v["compile"],
                               lambda m, x, y: m(x, y), args.profile, v.get("grad_accum", 1))
         except Exception as e:  # one failing variant (e.g. a missing package) must not hide the others
             print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -203,7 +215,7 @@ def main(args):
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
-    M.ATTENTION, M.PRECISION, M.RESIDUAL = SWITCHES.values()  # the baseline and decoding run on the defaults
+    A.ATTENTION, M.RESIDUAL = SWITCHES.values()  # the baseline and decoding run on the defaults
     torch._inductor.config.coordinate_descent_tuning = False
     fp8.skip_fp8_shapes = set(FP8_SKIP)
     if args.baseline:
@@ -227,7 +239,7 @@ def main(args):
         for i in range(2):  # the first call warms up (and compiles, where the decode path compiles)
             sync(device)
             t0 = time.perf_counter()
-            out, lengths = model.generate(prompts, args.new_tokens, temperature=1.0)
+            out, lengths = engine.generate(model, prompts, args.new_tokens, temperature=1.0)
             sync(device)
             elapsed = time.perf_counter() - t0
         decode = {"new_tokens_per_s": int(lengths.sum()) / elapsed, "seconds": elapsed, "batch": args.decode_batch,
@@ -235,11 +247,9 @@ def main(args):
         print(f"    {json.dumps(decode)}", flush=True)
         if args.profile:  # kernels of one generate() call, graphs off so each kernel is named (GPU time is the same)
             from torch.profiler import ProfilerActivity
-            M.DECODE_CUDA_GRAPH, graphs = False, M.DECODE_CUDA_GRAPH
             with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model.generate(prompts, args.new_tokens, temperature=1.0)
+                engine.generate(model, prompts, args.new_tokens, temperature=1.0, cuda_graph=False)
                 sync(device)
-            M.DECODE_CUDA_GRAPH = graphs
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
         del model
         release()

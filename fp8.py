@@ -1,5 +1,5 @@
 """
-FP8 training matmuls (model.PRECISION = "fp8"), in the style of nanochat's fp8.py.
+FP8 training matmuls (train.py's precision = "fp8" calls convert_to_fp8), in the style of nanochat's fp8.py.
 
 How it works. An H100/H200 multiplies 8-bit floats at about twice the bf16 rate. FP8 has little range, so
 every operand is scaled before the cast: scale = FP8_MAX / amax(tensor) ("dynamic per-tensor scaling": the
@@ -11,8 +11,8 @@ in higher precision and multiplies the inverse scales back in:
                dW = dy.T @ x          dy in e5m2, x in e4m3
 
 Only the Linear layers inside the transformer blocks become Float8Linear (qkv, attention output, gate/up,
-down: ~85% of the FLOPs at medium-large). Embeddings, norms, the output head, the loss and the optimizer
-state stay in bf16/fp32, the split seed 002 describes. Master weights stay fp32; the state_dict is unchanged.
+down: most of the FLOPs). Embeddings, norms, the output head, the loss and the optimizer
+state stay in bf16/fp32. Master weights stay fp32; the state_dict is unchanged.
 `python fp8.py` times every block GEMM shape in bf16 and fp8 so a shape where FP8 loses can be left out
 (skip_fp8_shapes below).
 
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # (in_features, out_features) left in bf16: medium-large's qkv and attention output measured slower in FP8 by
-# `python fp8.py` (0.56x and 0.57x fwd+bwd on an H200; BENCHMARKS.md), while gate/up and down gain
+# `python fp8.py` (BENCHMARKS.md), while gate/up and down gain
 skip_fp8_shapes = {(1152, 1728), (1152, 1152)}
 
 

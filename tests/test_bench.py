@@ -76,6 +76,6 @@ def test_profile_train_needs_a_gpu():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "profile_train.py"), "config/debug.py"],
+    p = subprocess.run([sys.executable, os.path.join(root, "dev", "profile_train.py"), "config/debug.py"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "profile_train.py times GPU kernels: no CUDA device here" in p.stderr
