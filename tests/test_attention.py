@@ -131,13 +131,14 @@ def test_decode_attention_equals_masked_sdpa():
     mask[2, :, :, :6] = False
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.allclose(attention.decode_attend(q, k, v, mask), want, atol=1e-5)
-    assert not torch.allclose(attention.decode_attend(q, k, v, torch.ones_like(mask)), want, atol=1e-3)  # the mask matters
+    unmasked = attention.decode_attend(q, k, v, torch.ones_like(mask))
+    assert not torch.allclose(unmasked, want, atol=1e-3)  # the mask matters
 
 
 def _reference_attention(q, k, v, scale):
     """Causal GQA attention in float32, (B, T, H, D) layout, and its log-sum-exp (B, H, T)."""
     rep = q.shape[2] // k.shape[2]
-    qt, kt, vt = q.float().transpose(1, 2), k.float().repeat_interleave(rep, 2).transpose(1, 2), v.float().repeat_interleave(rep, 2).transpose(1, 2)
+    qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
     s = qt @ kt.transpose(-1, -2) * scale
     s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
     return (s.softmax(-1) @ vt).transpose(1, 2).to(q.dtype), s.logsumexp(-1)
@@ -161,7 +162,8 @@ def test_flash_attn_4_glue_matches_sdpa_and_compiles_in_one_graph(monkeypatch):
         calls.append("bwd")
         B, T, H, D = q.shape
         rep = H // k.shape[2]
-        qt, kt, vt, ot, dot = (t.float().transpose(1, 2) for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), out, dout))
+        kv = (k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))
+        qt, kt, vt, ot, dot = (t.float().transpose(1, 2) for t in (q, *kv, out, dout))
         p = torch.exp(qt @ kt.transpose(-1, -2) * softmax_scale - lse[..., None]).tril()
         ds = p * (dot @ vt.transpose(-1, -2) - (dot * ot).sum(-1, keepdim=True)) * softmax_scale
         fold = lambda g: g.view(B, -1, rep, T, D).sum(2).transpose(1, 2)  # query heads' shares back onto their K/V head
@@ -169,7 +171,8 @@ def test_flash_attn_4_glue_matches_sdpa_and_compiles_in_one_graph(monkeypatch):
 
     interface = types.ModuleType("flash_attn.cute.interface")
     interface._flash_attn_fwd, interface._flash_attn_bwd = fwd, bwd
-    for name, mod in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
+    for name, mod in (("flash_attn", types.ModuleType("flash_attn")),
+                      ("flash_attn.cute", types.ModuleType("flash_attn.cute")),
                       ("flash_attn.cute.interface", interface)):
         monkeypatch.setitem(sys.modules, name, mod)
     attention._load_flash.cache_clear()
@@ -179,7 +182,8 @@ def test_flash_attn_4_glue_matches_sdpa_and_compiles_in_one_graph(monkeypatch):
     k, v = (torch.randn(2, 16, 2, 12, requires_grad=True) for _ in range(2))
     y = flash(q, k, v.transpose(1, 2).contiguous().transpose(1, 2), 0.0)  # a strided v is made contiguous
     grads = torch.autograd.grad(y.square().sum(), (q, k, v))
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=True).transpose(1, 2)
     assert torch.allclose(y, ref, atol=1e-5)
     for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v), retain_graph=True)):
         assert torch.allclose(g, r, atol=1e-5)

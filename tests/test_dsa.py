@@ -126,7 +126,8 @@ def test_kl_target_is_the_attention_distribution():
     iq, ik, iw = attn.indexer(x, *(t[None, :T, None] for t in (m.dsa_rope_cos, m.dsa_rope_sin)))
     kl = 0.0
     for t in range(T):
-        scores = torch.stack([sum(iw[0, t, j] * torch.relu(iq[0, t, j] @ ik[0, s]) for j in range(4)) for s in range(t + 1)])
+        scores = torch.stack([sum(iw[0, t, j] * torch.relu(iq[0, t, j] @ ik[0, s]) for j in range(4))
+                              for s in range(t + 1)])
         kl += F.kl_div(torch.log_softmax(scores, 0), p[t, :t + 1], reduction="sum")
     m.hidden(idx, indexer_loss=True)
     assert abs(m.blocks[0].attn.indexer_loss.item() - kl.item() / T) < 1e-5
@@ -136,7 +137,8 @@ def test_kl_target_is_the_attention_distribution():
 def test_indexer_kl_gradient_equals_autograd(sparse):
     torch.manual_seed(0)
     B, T, HI, DI, H, Hkv, D = 2, 9, 3, 5, 4, 2, 6
-    iq, ik, iw = torch.randn(B, T, HI, DI, requires_grad=True), torch.randn(B, T, DI, requires_grad=True), torch.randn(B, T, HI, requires_grad=True)
+    iq, ik = torch.randn(B, T, HI, DI, requires_grad=True), torch.randn(B, T, DI, requires_grad=True)
+    iw = torch.randn(B, T, HI, requires_grad=True)
     q, k = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D)
     idx, valid = dsa.select_topk(iq, ik, iw, 4) if sparse else (None, None)
     loss = dsa.IndexerKL.apply(iq, ik, iw, q, k, idx, valid, True)
@@ -152,7 +154,7 @@ def test_indexer_kl_gradient_equals_autograd(sparse):
 
 def test_generate_with_dsa_equals_the_no_cache_path(impl):
     m = tiny(dsa_top_k=3)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300], [3]]  # the repeat shares a prefill: its indexer keys are copied
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300], [3]]  # the repeat shares a prefill: indexer keys copied
     with_cache, _ = m.generate(prompts, 12, temperature=0)
     without, _ = m.generate(prompts, 12, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)

@@ -159,7 +159,8 @@ def test_repeated_prompts_share_one_prefill(monkeypatch):
     once, n_once = m.generate(prompts[:3], 6, temperature=0, eos_id=0)
     rows = []
     real = M.GPT.hidden
-    monkeypatch.setattr(M.GPT, "hidden", lambda self, idx, cache=None, **kw: rows.append(idx.shape[0]) or real(self, idx, cache, **kw))
+    monkeypatch.setattr(M.GPT, "hidden",
+                        lambda self, idx, cache=None, **kw: rows.append(idx.shape[0]) or real(self, idx, cache, **kw))
     shared, n_shared = m.generate(prompts, 6, temperature=0, eos_id=0)
     assert rows[0] == 3  # the prefill ran the three distinct rows, then decoding steps all six
     assert torch.equal(shared, once[[0, 1, 2, 0, 1, 1]]) and torch.equal(n_shared, n_once[[0, 1, 2, 0, 1, 1]])

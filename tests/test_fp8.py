@@ -75,3 +75,17 @@ def test_fp8_does_not_import_model():
     p = subprocess.run([sys.executable, "-c", "import sys, fp8; print('model' in sys.modules)"], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr[-2000:]
+
+
+def test_train_py_applies_fp8_and_its_checkpoint_loads_into_a_plain_gpt(tmp_path):
+    """train.py --precision=fp8 converts the built model (the switches line says so); its checkpoint loads strictly
+    into a plain GPT; an unknown precision is one clear line."""
+    from test_train import make_dataset, run
+    make_dataset(tmp_path / "data")
+    p = run(tmp_path, "--precision=fp8", "--max_tokens=640", f"--out_dir={tmp_path / 'out'}")
+    assert "PRECISION=fp8" in p.stdout
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    plain = M.GPT(M.GPTConfig(**ckpt["model_config"]))
+    plain.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}, strict=True)
+    bad = run(tmp_path, "--precision=fp16", "--max_tokens=640", f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "unknown precision='fp16'; use 'bf16' or 'fp8'"

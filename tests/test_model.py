@@ -45,7 +45,8 @@ def test_medium_large_is_exactly_401_277_888_params():
         m = GPT(make_config("medium-large"))
     assert m.num_params() == 401_277_888
     c = m.cfg
-    assert (c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.vocab_size, c.block_size) == (16, 4, 72, 3168, 50304, 2048)
+    shape = (c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.vocab_size, c.block_size)
+    assert shape == (16, 4, 72, 3168, 50304, 2048)
 
 
 def test_every_preset_follows_the_rules():
