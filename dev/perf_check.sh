@@ -35,7 +35,7 @@ for TREE in old new; do
     (cd "$DIR" && python grpo.py config/usmle.py --init_from="$RUNS/ckpt/ckpt.pt" --out_dir="$RUNS/grpo_$TREE" \
         --device="$DEVICE" --train_data="$SRC/medmcqa/questions.jsonl" --eval_task=medmcqa \
         --eval_data="$SRC/medmcqa/questions.jsonl" --eval_every=0 --eval_n=8 --save_every=1000 \
-        --max_steps="$GRPO_STEPS" | grep -E "^(switches|step)")
+        --drop_zero_std=False --max_steps="$GRPO_STEPS" | grep -E "^(switches|step)")  # every step updates
 done
 python - "$RUNS" <<'PY'
 import json, sys
