@@ -9,7 +9,7 @@ shape (compiled) as the baseline. Prints a table last and writes JSON.
 A variant is comma-separated key=value over: attention, precision, residual, compile (1/0), checkpoint_activations
 (1/0), micro_batch, block_size, grad_accum (micro-batches per optimizer step; 16 in config/a100_2day.py), tune (1:
 Inductor's coordinate-descent tuning of its Triton kernels; train.py does not tune), fp8_skip (0: FP8 in every block
-layer) and model shape keys (n_head, head_dim, ...). MFU follows ../shared/README.md (PaLM appendix B; 989e12 peak).
+layer) and model shape keys (n_head, head_dim, ...). MFU: PaLM appendix B's FLOPs over a 989e12 peak.
 Runs on the CPU too (tiny presets, for a smoke check): --device cpu --preset debug.
 """
 import argparse
@@ -19,12 +19,14 @@ import time
 
 import torch
 
+import attention as A
+import engine
 import fp8
 import model as M
 from model import GPT, make_config
 
 FP8_SKIP = frozenset(fp8.skip_fp8_shapes)  # the measured default; variant fp8_skip=0 puts every block layer in FP8
-SWITCHES = {"ATTENTION": M.ATTENTION, "PRECISION": M.PRECISION, "RESIDUAL": M.RESIDUAL}  # model.py's defaults
+SWITCHES = {"ATTENTION": A.ATTENTION, "RESIDUAL": M.RESIDUAL}  # the modules' defaults
 
 PEAK_FLOPS = 989e12
 
@@ -34,28 +36,46 @@ parser.add_argument("--micro_batch", type=int, default=16)
 parser.add_argument("--block_size", type=int, default=2048)
 parser.add_argument("--steps", type=int, default=15, help="timed optimizer steps per variant")
 parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-parser.add_argument("--variant", action="append", default=[], help="key=value,...; repeatable; default: one bf16 compiled run")
+parser.add_argument("--variant", action="append", default=[],
+                    help="key=value,...; repeatable; default: one bf16 compiled run")
 parser.add_argument("--baseline", action="store_true", help="also time transformers' Qwen3ForCausalLM (compiled)")
-parser.add_argument("--decode", action="store_true", help="also time generate(): batch x prompt_len prompt, new_tokens sampled")
+parser.add_argument("--decode", action="store_true",
+                    help="also time generate(): batch x prompt_len prompt, new_tokens sampled")
 parser.add_argument("--skip_train", action="store_true", help="no training variants (decode and baselines only)")
 parser.add_argument("--decode_batch", type=int, default=256)
 parser.add_argument("--prompt_len", type=int, default=128)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--device", default="cuda")
-parser.add_argument("--attention_table", action="store_true", help="also time causal attention fwd+bwd per SDPA backend")
+parser.add_argument("--attention_table", action="store_true",
+                    help="also time causal attention fwd+bwd per SDPA backend")
 parser.add_argument("--json", default=None, help="write all results here")
-parser.add_argument("--profile", action="store_true", help="print the GPU kernels' time of two more steps of each variant")
+parser.add_argument("--profile", action="store_true",
+                    help="print the GPU kernels' time of two more steps of each variant")
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden")  # model shape overrides
 
 
+VARIANT_KEYS = ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip",
+                "residual", "grad_accum", "tune")
+
+
 def parse_variant(text):
-    v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}  # fp8_skip=0: FP8 in every layer
+    v = {"attention": "sdpa", "precision": "bf16", "compile": 1, "checkpoint_activations": 0}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip", "residual", "grad_accum", "tune") + SHAPE_KEYS:
+        if key not in VARIANT_KEYS + SHAPE_KEYS:
             raise SystemExit(f"unknown variant key {key!r}")
         v[key] = int(value) if value.isdigit() else value
+    if v["precision"] not in ("bf16", "fp8"):
+        raise SystemExit(f"unknown precision {v['precision']!r}; use bf16 or fp8")
     return v
+
+
+def build(cfg, precision):
+    """GPT(cfg), its blocks' matmuls in FP8 when precision is "fp8" (as train.py does)."""
+    model = GPT(cfg)
+    if precision == "fp8":
+        fp8.convert_to_fp8(model)
+    return model
 
 
 def sync(device):
@@ -95,19 +115,21 @@ def time_training(build, batch, block, steps, warmup, device, compile_model, los
         losses.append(loss.item())
     if profile:  # where the step's GPU time goes: matmuls vs attention vs elementwise vs optimizer
         from torch.profiler import ProfilerActivity
-        with torch.profiler.profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
             for _ in range(2):
                 one_step()
             sync(device)  # classes below are per optimizer step (grad_accum micro-batches)
-        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=90), flush=True)
+        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30,
+                                        max_name_column_width=90), flush=True)
         if device.type == "cuda":
             print_kernel_classes(prof, steps=2)
     timed = sorted(times[warmup:])
     median = timed[len(timed) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     # the same batch every step: a loss that does not fall means the gradients are broken, whatever the speed
-    result = {"tokens_per_s": batch * block * grad_accum / median, "step_s": median, "peak_gib": peak, "loss_first": losses[0],
-              "loss_last": losses[-1], "learns": losses[-1] < losses[0] - 0.1}
+    result = {"tokens_per_s": batch * block * grad_accum / median, "step_s": median, "peak_gib": peak,
+              "loss_first": losses[0], "loss_last": losses[-1], "learns": losses[-1] < losses[0] - 0.1}
     del model, opt, step_model
     return result
 
@@ -140,7 +162,8 @@ def attention_table(cfg, batch, block, device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import triton.testing
     q = torch.randn(batch, cfg.n_head, block, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-    kv = [torch.randn(batch, cfg.n_kv_head, block, cfg.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    kv = [torch.randn(batch, cfg.n_kv_head, block, cfg.head_dim, device=device, dtype=torch.bfloat16,
+                      requires_grad=True) for _ in range(2)]
     rep = cfg.n_head // cfg.n_kv_head
     out = {}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -156,7 +179,7 @@ def attention_table(cfg, batch, block, device):
             except Exception as e:
                 out[name] = f"{type(e).__name__}"
     try:  # the flash-attn package, where installed
-        flash = M._load_flash()
+        flash = A._load_flash()
         qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, *kv))
 
         def run_flash():
@@ -175,7 +198,7 @@ def release():
 
 
 def main(args):
-    import torch._inductor.config  # here, not at import: importing it loads triton, which tests want in interpreter mode
+    import torch._inductor.config  # here, not at import: it loads triton, which tests want in interpreter mode
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
@@ -185,15 +208,17 @@ def main(args):
     for text in [] if args.skip_train else args.variant or [""]:
         v = parse_variant(text)
         batch, block = v.get("micro_batch", args.micro_batch), v.get("block_size", args.block_size)
-        M.ATTENTION, M.PRECISION, M.RESIDUAL = v["attention"], v["precision"], v.get("residual", SWITCHES["RESIDUAL"])
+        A.ATTENTION, M.RESIDUAL = v["attention"], v.get("residual", SWITCHES["RESIDUAL"])
         fp8.skip_fp8_shapes = set(FP8_SKIP) if v.get("fp8_skip", 1) else set()
         shape = {k: v[k] for k in SHAPE_KEYS if k in v}
-        cfg = make_config(args.preset, block_size=max(block, args.block_size), checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
+        cfg = make_config(args.preset, block_size=max(block, args.block_size),
+                          checkpoint_activations=bool(v["checkpoint_activations"]), **shape)
         name = "ours " + ",".join(f"{k}={v[k]}" for k in v)
         torch._inductor.config.coordinate_descent_tuning = bool(v.get("tune", 0))
         print(f"--- {name}: {batch} x {block}", flush=True)
         try:
-            r = time_training(lambda: GPT(cfg), batch, block, args.steps, args.warmup, device, v["compile"],
+            r = time_training(lambda: build(cfg, v["precision"]), batch, block, args.steps, args.warmup, device,
+                              v["compile"],
                               lambda m, x, y: m(x, y), args.profile, v.get("grad_accum", 1))
         except Exception as e:  # one failing variant (e.g. a missing package) must not hide the others
             print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -203,7 +228,7 @@ def main(args):
         rows.append(r)
         print(f"    {json.dumps(r)}", flush=True)  # each row as soon as measured: a cut-off run keeps what it had
         release()
-    M.ATTENTION, M.PRECISION, M.RESIDUAL = SWITCHES.values()  # the baseline and decoding run on the defaults
+    A.ATTENTION, M.RESIDUAL = SWITCHES.values()  # the baseline and decoding run on the defaults
     torch._inductor.config.coordinate_descent_tuning = False
     fp8.skip_fp8_shapes = set(FP8_SKIP)
     if args.baseline:
@@ -227,7 +252,7 @@ def main(args):
         for i in range(2):  # the first call warms up (and compiles, where the decode path compiles)
             sync(device)
             t0 = time.perf_counter()
-            out, lengths = model.generate(prompts, args.new_tokens, temperature=1.0)
+            out, lengths = engine.generate(model, prompts, args.new_tokens, temperature=1.0)
             sync(device)
             elapsed = time.perf_counter() - t0
         decode = {"new_tokens_per_s": int(lengths.sum()) / elapsed, "seconds": elapsed, "batch": args.decode_batch,
@@ -235,17 +260,17 @@ def main(args):
         print(f"    {json.dumps(decode)}", flush=True)
         if args.profile:  # kernels of one generate() call, graphs off so each kernel is named (GPU time is the same)
             from torch.profiler import ProfilerActivity
-            M.DECODE_CUDA_GRAPH, graphs = False, M.DECODE_CUDA_GRAPH
             with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model.generate(prompts, args.new_tokens, temperature=1.0)
+                engine.generate(model, prompts, args.new_tokens, temperature=1.0, cuda_graph=False)
                 sync(device)
-            M.DECODE_CUDA_GRAPH = graphs
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90), flush=True)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90),
+                  flush=True)
         del model
         release()
 
     base = next((r for r in rows if r["name"].startswith("transformers") and "tokens_per_s" in r), None)
-    print(f"\n{args.preset}: {n_params:,} parameters; {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{args.preset}: {n_params:,} parameters; {device_name}; torch {torch.__version__}")
     print(f"{'run':<78} {'batch':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs HF':>6} {'loss first->last':>17}")
     for r in rows:
         if "error" in r:
@@ -253,10 +278,13 @@ def main(args):
             continue
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / PEAK_FLOPS
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {ratio:>6} "
+        print(f"{r['name']:<78} {r['batch']:>4}x{r['block']:<4} {r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% "
+              f"{r['peak_gib']:>9.1f} {ratio:>6} "
               f"{r['loss_first']:>7.3f}->{r['loss_last']:.3f}{'' if r['learns'] else ' NOT LEARNING'}")
     if attn:
-        print(f"causal attention fwd+bwd, {args.micro_batch} x {meta_model.cfg.n_head} heads x {args.block_size}, head_dim {meta_model.cfg.head_dim}:")
+        c = meta_model.cfg
+        print(f"causal attention fwd+bwd, {args.micro_batch} x {c.n_head} heads x {args.block_size}, "
+              f"head_dim {c.head_dim}:")
         for k, v in attn.items():
             print(f"  {k:<32} {v:.3f} ms" if isinstance(v, float) else f"  {k:<32} {v}")
     if decode:
@@ -265,7 +293,7 @@ def main(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "params": n_params, "rows": rows, "decode": decode, "attention": attn,
-                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}, f, indent=1)
+                       "device": device_name, "torch": torch.__version__}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 import grpo
-import model as M
+import attention as A
 import tasks
 
 
@@ -54,7 +54,7 @@ def main(argv=None):
     model, tok, ckpt = grpo.load_model(a.ckpt, dev)
     print(f"{a.ckpt} ({ckpt.get('kind', '?')}, step {ckpt.get('step', '?')}): {model.num_params():,} parameters, "
           f"tokenizer {ckpt['tokenizer']['tokenizer']}; {len(examples)} {a.task} examples from {a.data or 'generated/HF'}; "
-          f"ATTENTION={M.ATTENTION} dtype={dtype} device={dev}")
+          f"ATTENTION={A.ATTENTION} dtype={dtype} device={dev}")
     results = grpo.evaluate(model, tok, examples, a.mode, a.max_new_tokens, a.batch, autocast)
     print(grpo.format_eval(results))
     for e in examples[:a.show]:

@@ -1,5 +1,5 @@
 """
-FP8 training matmuls (model.PRECISION = "fp8"), in the style of nanochat's fp8.py.
+FP8 training matmuls (train.py's precision = "fp8" calls convert_to_fp8), in the style of nanochat's fp8.py.
 
 How it works. An H100/H200 multiplies 8-bit floats at about twice the bf16 rate. FP8 has little range, so
 every operand is scaled before the cast: scale = FP8_MAX / amax(tensor) ("dynamic per-tensor scaling": the
@@ -11,8 +11,8 @@ in higher precision and multiplies the inverse scales back in:
                dW = dy.T @ x          dy in e5m2, x in e4m3
 
 Only the Linear layers inside the transformer blocks become Float8Linear (qkv, attention output, gate/up,
-down: ~85% of the FLOPs at medium-large). Embeddings, norms, the output head, the loss and the optimizer
-state stay in bf16/fp32, the split seed 002 describes. Master weights stay fp32; the state_dict is unchanged.
+down: most of the FLOPs). Embeddings, norms, the output head, the loss and the optimizer
+state stay in bf16/fp32. Master weights stay fp32; the state_dict is unchanged.
 `python fp8.py` times every block GEMM shape in bf16 and fp8 so a shape where FP8 loses can be left out
 (skip_fp8_shapes below).
 
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # (in_features, out_features) left in bf16: medium-large's qkv and attention output measured slower in FP8 by
-# `python fp8.py` (0.56x and 0.57x fwd+bwd on an H200; BENCHMARKS.md), while gate/up and down gain
+# `python fp8.py` (BENCHMARKS.md), while gate/up and down gain
 skip_fp8_shapes = {(1152, 1728), (1152, 1152)}
 
 
@@ -94,16 +94,19 @@ if __name__ == "__main__":  # per-GEMM timing: bf16 vs fp8, forward + backward, 
     parser.add_argument("--tokens", type=int, default=16 * 2048)
     args = parser.parse_args()
     c = PRESETS[args.preset]
-    shapes = {"qkv": (c.n_embd, (c.n_head + 2 * c.n_kv_head) * c.head_dim), "attn out": (c.n_head * c.head_dim, c.n_embd),
-              "gate/up": (c.n_embd, 2 * c.mlp_hidden), "down": (c.mlp_hidden, c.n_embd)}
+    shapes = {"qkv": (c.n_embd, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
+              "attn out": (c.n_head * c.head_dim, c.n_embd), "gate/up": (c.n_embd, 2 * c.mlp_hidden),
+              "down": (c.mlp_hidden, c.n_embd)}
     try:  # torchao's Float8Linear (tensorwise dynamic scaling), where installed, as a second FP8 implementation
         from torchao.float8 import convert_to_float8_training
     except ImportError:
         convert_to_float8_training = None
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
-    print(f"M = {args.tokens} tokens; fwd+bwd of the layer (ms, compiled), then the three bare GEMMs without quantization "
-          f"(bf16 vs _scaled_mm as this file calls it){'' if convert_to_float8_training else '; torchao not installed'}")
-    print(f"{'GEMM':<9} {'in x out':>12} {'bf16':>7} {'fp8':>7} {'ratio':>6} {'torchao':>8} {'ratio':>6} | {'bare bf16':>9} {'bare fp8':>8} {'ratio':>6}")
+    print(f"M = {args.tokens} tokens; fwd+bwd of the layer (ms, compiled), then the three bare GEMMs without "
+          f"quantization (bf16 vs _scaled_mm as this file calls it)"
+          f"{'' if convert_to_float8_training else '; torchao not installed'}")
+    print(f"{'GEMM':<9} {'in x out':>12} {'bf16':>7} {'fp8':>7} {'ratio':>6} {'torchao':>8} {'ratio':>6} | "
+          f"{'bare bf16':>9} {'bare fp8':>8} {'ratio':>6}")
     for name, (k, n) in shapes.items():
         x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         times = []
@@ -121,19 +124,22 @@ if __name__ == "__main__":  # per-GEMM timing: bf16 vs fp8, forward + backward, 
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     y = lin(x)
                 y.backward(torch.ones_like(y))
-            torch._dynamo.reset()  # a fresh compile per layer kind: one shared cache hits the recompile limit and runs eager
+            torch._dynamo.reset()  # a fresh compile per layer kind: a shared cache hits the recompile limit
             try:
                 times.append(bench(torch.compile(step)))
             except Exception as e:  # e.g. a torchao built for another torch
                 print(f"{kind} failed: {type(e).__name__}: {str(e)[:200]}")
                 times.append(float("nan"))
         # the same three products on ready operands: what the tensor cores alone take
-        w, g = torch.randn(n, k, device="cuda", dtype=torch.bfloat16), torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16)
         xb = x.detach()
         bare_bf16 = bench(lambda: (xb @ w.t(), g @ w, g.t() @ xb))
         (x8, sx), (w8, sw), (g8, sg) = quantize(xb, E4M3), quantize(w, E4M3), quantize(g, E5M2)
         w8c, g8t, x8c = w8.t().contiguous().t(), g8.t().contiguous(), x8.t().contiguous().t()
-        bare_fp8 = bench(lambda: (scaled_mm(x8, sx, w8.t(), sw, torch.bfloat16, True), scaled_mm(g8, sg, w8c, sw, torch.bfloat16, False),
+        bare_fp8 = bench(lambda: (scaled_mm(x8, sx, w8.t(), sw, torch.bfloat16, True),
+                                  scaled_mm(g8, sg, w8c, sw, torch.bfloat16, False),
                                   scaled_mm(g8t, sg, x8c, sx, torch.float32, False)))
-        print(f"{name:<9} {k:>5} x {n:<5} {times[0]:>7.3f} {times[1]:>7.3f} {times[0] / times[1]:>5.2f}x {times[2]:>8.3f} "
-              f"{times[0] / times[2]:>5.2f}x | {bare_bf16:>9.3f} {bare_fp8:>8.3f} {bare_bf16 / bare_fp8:>5.2f}x")
+        print(f"{name:<9} {k:>5} x {n:<5} {times[0]:>7.3f} {times[1]:>7.3f} {times[0] / times[1]:>5.2f}x "
+              f"{times[2]:>8.3f} {times[0] / times[2]:>5.2f}x | {bare_bf16:>9.3f} {bare_fp8:>8.3f} "
+              f"{bare_bf16 / bare_fp8:>5.2f}x")

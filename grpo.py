@@ -38,11 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import attention as A
+import engine
 import model as M
 import tasks
 from checkpoint import load_checkpoint, run_logger, save_checkpoint
 from configurator import configure
-from model import GPT, GPTConfig, filter_logits, make_config
+from engine import filter_logits
+from model import GPT, GPTConfig, make_config
 
 # ------------------------------------------------------------------------------------------------
 # I/O
@@ -102,7 +105,7 @@ save_every = 50  # steps; and after the last
 # system
 device = "auto"  # "auto" | "cpu" | "cuda"
 dtype = "auto"  # autocast dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
-attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
+attention = "sdpa"  # attention.ATTENTION: "sdpa" | "flash"
 residual = "autocast"  # model.RESIDUAL: "autocast" (the residual stream in bf16) | "fp32"
 checkpoint_activations = False  # recompute blocks in backward (train passes only): less memory, ~25% more compute
 compile = False  # torch.compile the log-prob and update forwards, the rollouts' prefill and their decoding blocks (inside the CUDA graph)
@@ -304,17 +307,21 @@ def stop_length(tok, ids, stops=tasks.STOP_STRINGS):
 
 
 @torch.no_grad()
-def rollout(model, prompt_ids, cfg, eos_id, autocast=nullcontext()):
-    """G samples per prompt. -> (rows: the prompt of each sample, tokens (P*G, max_new) cpu, lengths (P*G,) cpu)."""
+def rollout(model, prompt_ids, cfg, eos_id, autocast=nullcontext(), decoder=None):
+    """G samples per prompt. -> (rows: the prompt of each sample, tokens (P*G, max_new) cpu, lengths (P*G,) cpu).
+    decoder: an engine.Engine over model, kept from step to step (keep_decoder); None = engine.generate each call."""
     G = cfg["samples_per_prompt"]
     rows = [p for p in prompt_ids for _ in range(G)]
     model.eval()
     outs, lens = [], []
     for i in range(0, len(rows), cfg["rollout_batch"]):
         with autocast:
-            out, n = model.generate(rows[i:i + cfg["rollout_batch"]], cfg["max_new_tokens"], cfg["temperature"],
-                                    cfg["top_k"] or None, cfg["top_p"], eos_id, compile=cfg["compile"],
-                                    keep_decoder=cfg["keep_decoder"])
+            args = (rows[i:i + cfg["rollout_batch"]], cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                    cfg["top_p"], eos_id)
+            if decoder is not None:
+                out, n = decoder.generate(*args)
+            else:
+                out, n = engine.generate(model, *args, compile=cfg["compile"])
         outs.append(out.cpu())
         lens.append(n.cpu())
     return rows, torch.cat(outs), torch.cat(lens)
@@ -423,13 +430,14 @@ def backward_on_batch(policy, mbs, n_tokens, cfg, autocast=nullcontext()):
     return stats
 
 
-def grpo_step(policy, ref, optimizer, tok, examples, cfg, reward_fn, lr_now, device, autocast=nullcontext()):
+def grpo_step(policy, ref, optimizer, tok, examples, cfg, reward_fn, lr_now, device, autocast=nullcontext(),
+              decoder=None):
     """One GRPO step on `examples` (P prompts). reward_fn(text, example) -> (reward, parsable). Returns metrics."""
     P, G = len(examples), cfg["samples_per_prompt"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.time()
     prompt_ids = [tok.encode(e["prompt"]) for e in examples]
-    rows, tokens, lengths = rollout(policy, prompt_ids, cfg, tok.eos_id, autocast)
+    rows, tokens, lengths = rollout(policy, prompt_ids, cfg, tok.eos_id, autocast, decoder)
     t_roll = time.time() - t0
     s = score(tok, examples, tokens, lengths, cfg, reward_fn)
     t_score = time.time() - t0 - t_roll
@@ -652,7 +660,7 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    M.ATTENTION, M.RESIDUAL = attention, residual
+    A.ATTENTION, M.RESIDUAL = attention, residual
 
     # ---- data (checked before any GPU work) ----
     for name in (task, eval_task):
@@ -707,7 +715,7 @@ if __name__ == "__main__":
 
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=1))
-    print(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} RESIDUAL={M.RESIDUAL} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} "
+    print(f"switches: ATTENTION={A.ATTENTION} RESIDUAL={M.RESIDUAL} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} "
           f"device={dev} checkpoint_activations={checkpoint_activations} compile={compile} "
           f"fuse_old_logprobs={fuses_old_logprobs(policy, config)}")
     print(f"model: {policy.num_params():,} parameters, {asdict(policy.cfg)}; tokenizer {tokenizer_meta['tokenizer']} "
@@ -771,9 +779,11 @@ if __name__ == "__main__":
     if step == 0:
         log_record({"step": 0, **run_eval(0)})
     t_start, start_step = time.time(), step
+    decoder = engine.Engine(policy, compile=compile) if keep_decoder else None  # one for the run's rollouts
     while step < max_steps and not stop_signal:
         lr_now = lr * min(1.0, (step + 1) / max(1, warmup_steps))
-        m, samples = grpo_step(policy, ref, optimizer, tok, next_prompts(), config, reward_fn, lr_now, dev, autocast)
+        m, samples = grpo_step(policy, ref, optimizer, tok, next_prompts(), config, reward_fn, lr_now, dev, autocast,
+                               decoder)
         step += 1
         if dev.type == "cuda":
             m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-import model as M
+import attention as A
 from checkpoint import load_checkpoint, load_model
 from tokenizer import load_tokenizer
 
@@ -23,12 +23,12 @@ parser.add_argument("--top_k", type=int, default=None)
 parser.add_argument("--top_p", type=float, default=None)
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device", default="auto")
-parser.add_argument("--attention", default="sdpa", help="model.ATTENTION")
+parser.add_argument("--attention", default="sdpa", help="attention.ATTENTION")
 
 
 def main(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    M.ATTENTION = args.attention
+    A.ATTENTION = args.attention
     ckpt = load_checkpoint(args.ckpt)
     tok = load_tokenizer(ckpt["tokenizer"])
     model = load_model(ckpt, device)[0].eval()

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
+import attention as A
+import fp8
 import model as M
 from checkpoint import load_checkpoint, run_logger, save_checkpoint
 from configurator import configure
@@ -38,8 +40,8 @@ init_from = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | a checkpoint .
 # model
 preset = "debug"  # a name in model.PRESETS
 model_overrides = {}  # GPTConfig fields over the preset, e.g. {"dropout": 0.1, "tie_embeddings": True}
-attention = "sdpa"  # model.ATTENTION: "sdpa" | "flash"
-precision = "bf16"  # model.PRECISION: "bf16" | "fp8"
+attention = "sdpa"  # attention.ATTENTION: "sdpa" | "flash"
+precision = "bf16"  # "bf16" | "fp8": the blocks' matmuls in FP8 (fp8.convert_to_fp8)
 residual = "autocast"  # model.RESIDUAL: the residual stream in the "autocast" dtype (bf16: 1.04x, same loss) | "fp32"
 checkpoint_activations = False  # recompute blocks in backward: less memory, more compute
 trainable = "all"  # "all", or a substring: only parameters whose name contains it train (DSA warm-up: "indexer")
@@ -236,7 +238,9 @@ if __name__ == "__main__":
     torch.manual_seed(seed + RANK)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    M.ATTENTION, M.PRECISION, M.RESIDUAL = attention, precision, residual
+    A.ATTENTION, M.RESIDUAL = attention, residual
+    if precision not in ("bf16", "fp8"):
+        raise SystemExit(f"unknown precision={precision!r}; use 'bf16' or 'fp8'")
 
     # ---- data (checked before any GPU work) ----
     meta = read_meta(data_dir)
@@ -273,6 +277,8 @@ if __name__ == "__main__":
         raise SystemExit(f"block_size {max_block} is longer than the model's context {cfg.block_size}")
     cfg.checkpoint_activations = checkpoint_activations
     raw_model = GPT(cfg)
+    if precision == "fp8":  # same parameters and state_dict: checkpoints load either way
+        fp8.convert_to_fp8(raw_model)
     if ckpt is not None:
         state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         missing, unexpected = raw_model.load_state_dict(state, strict=False)
@@ -322,7 +328,7 @@ if __name__ == "__main__":
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         log0(json.dumps(config, indent=1))
-        log0(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} RESIDUAL={M.RESIDUAL} dtype={dtype} compile={compile} device={dev} world={WORLD}")
+        log0(f"switches: ATTENTION={A.ATTENTION} PRECISION={precision} RESIDUAL={M.RESIDUAL} dtype={dtype} compile={compile} device={dev} world={WORLD}")
         log0(f"model: {raw_model.num_params():,} parameters ({raw_model.matmul_params():,} in matmuls), {asdict(cfg)}")
         log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, {max_steps:,} steps")
 

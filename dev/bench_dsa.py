@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from dev/: the project's modules
+import attention as A  # noqa: E402
+import dsa  # noqa: E402
 import model as M  # noqa: E402
 from model import GPT, GPTConfig, make_config  # noqa: E402
 
@@ -70,7 +72,7 @@ def speed(args, dev):
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    indexer = M.Indexer(cfg).to(dev)
+    indexer = dsa.Indexer(cfg).to(dev)
     bw = copy_bandwidth(dev)
     print(f"speed: preset {args.preset} (H={H}, Hkv={Hkv}, D={D}, d={cfg.n_embd}), indexer {cfg.dsa_heads} heads x "
           f"{cfg.dsa_head_dim} (RoPE {cfg.dsa_rope_dim}), {args.tokens} tokens per call, {dtype}, {dev} "
@@ -91,19 +93,18 @@ def speed(args, dev):
         iters = max(1, args.iters * 2048 // T)
 
         def dense(backward=True):
-            y = M.attend(q, k, v)
+            y = A.attend(q, k, v)
             if backward:
                 y.backward(dy)
 
         def select(top_k):
             with torch.no_grad(), autocast:
                 iq, ik, iw = indexer(x, cos, sin)
-                return M.select_topk(iq, ik, iw, top_k)
+                return dsa.select_topk(iq, ik, iw, top_k)
 
         def sparse(impl, top_k, backward=True):
-            M.DSA_IMPL = impl
             idx, valid = select(top_k)
-            y = M.sparse_attend(q, k, v, idx, valid)
+            y = dsa.sparse_attend(q, k, v, idx, valid, impl=impl)
             if backward:
                 y.backward(dy)
 
@@ -111,7 +112,7 @@ def speed(args, dev):
             with autocast:
                 iq, ik, iw = indexer(x, cos, sin)
             idx, valid = select(top_k)
-            M.IndexerKL.apply(iq, ik, iw, q.detach(), k.detach(), idx, valid, True).backward()
+            dsa.IndexerKL.apply(iq, ik, iw, q.detach(), k.detach(), idx, valid, True).backward()
 
         t_dense_f = timed_ms(lambda: dense(False), dev, iters)
         t_dense = timed_ms(dense, dev, iters)
@@ -129,7 +130,6 @@ def speed(args, dev):
         del x, q, k, v, dy
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    M.DSA_IMPL = "mask"
     for name in ("mask", "gather"):
         wins = sorted((r["T"], r["k"]) for r in results if r[name] < r["dense"])
         print(f"crossover ({name}): DSA fwd+bwd is faster than dense SDPA from " +
@@ -164,8 +164,8 @@ def decode(args, dev):
         t_dense = timed_ms(dense, dev, iters)
         for top_k in sorted({T // 8, min(2048, T // 2)}):
             def dsa():
-                idx, valid = M.select_topk(iq, ik, iw, top_k, visible)
-                return M.gather_attend(q, k, v, idx, valid)
+                idx, valid = dsa.select_topk(iq, ik, iw, top_k, visible)
+                return dsa.gather_attend(q, k, v, idx, valid)
             with torch.no_grad():
                 t_dsa = timed_ms(dsa, dev, iters)
             results.append(dict(T=T, k=top_k, dense=t_dense, dsa=t_dsa))
@@ -210,12 +210,12 @@ def quality_model(args, dev):
 def set_attention(model, mode, top_k=0):
     """mode: "dense" | "dsa" (the indexer's top_k) | "window" (the top_k most recent keys: a baseline)."""
     for b in model.blocks:
-        b.attn.dsa_stage = "warmup" if mode == "dense" else "sparse"
-        b.attn.dsa_top_k = top_k
-    M.select_topk = window_topk if mode == "window" else _select_topk
+        b.attn.stage = "warmup" if mode == "dense" else "sparse"
+        b.attn.top_k = top_k
+    dsa.select_topk = window_topk if mode == "window" else _select_topk
 
 
-_select_topk = M.select_topk
+_select_topk = dsa.select_topk
 
 
 @torch.no_grad()
@@ -274,11 +274,11 @@ def recall(model, windows, T, ks, autocast):
             q, k_, _ = attn.project(x, cos, sin)
             iq, ik, iw = attn.indexer(x, *irope)
         B = x.shape[0]
-        for t0, t1 in M._row_chunks(T, B * max(attn.n_head, iq.shape[2]) * T):
-            keep = M._allowed(None, t0, t1, T, x.device)
-            p = M.attention_probs(q[:, t0:t1].float(), k_.float(), keep)
+        for t0, t1 in dsa._row_chunks(T, B * max(attn.n_head, iq.shape[2]) * T):
+            keep = dsa._allowed(None, t0, t1, T, x.device)
+            p = dsa.attention_probs(q[:, t0:t1].float(), k_.float(), keep)
             with autocast:
-                scores = M.index_scores(iq[:, t0:t1], ik, iw[:, t0:t1]).masked_fill(~keep, float("-inf"))
+                scores = dsa.index_scores(iq[:, t0:t1], ik, iw[:, t0:t1]).masked_fill(~keep, float("-inf"))
             rows = torch.arange(t0, t1, device=x.device)
             for k in ks:
                 long_rows = rows + 1 > k

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from dev/: the project's modules
-import model as M  # noqa: E402
+import attention as A  # noqa: E402
 from model import GPT, hf_config_dict, make_config, to_hf_state_dict  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv=None):
     prompts = prompts.to(device)
     print(f"{a.preset}: {ours.num_params():,} parameters; batch {a.batch}, {a.prompt_len}-token prompts, {a.new_tokens} new "
           f"tokens, device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, ATTENTION={M.ATTENTION}")
+          f"torch {torch.__version__}, transformers {transformers.__version__}, ATTENTION={A.ATTENTION}")
 
     with torch.no_grad():  # the same weights: logits agree up to bf16 rounding
         x = prompts[:4]

@@ -2,10 +2,10 @@
 1. gradients of the compiled model under bf16 autocast equal eager ones (and are not zero);
 2. generate()'s CUDA-graphed decoding step (its blocks eager, and as decode_block_fn's compiled halves) gives the logits
    of eager steps on the same tokens; a decoder kept from a call with other prompts, in another autocast context,
-   before the weights changed (compile=True, keep_decoder=True, as GRPO's rollouts) decodes as a fresh one; a compiled
+   before the weights changed (engine.Engine(compile=True), as GRPO's rollouts) decodes as a fresh one; a compiled
    prefill writes the eager prefill's hidden states and KV cache, and so does a kept decoder's prefill CUDA graph;
-3. PRECISION="fp8": loss and gradients near bf16's on the same weights and batch;
-4. decoding's attention (decode_attend, and kernels.decode_attention, which generate() runs) equals SDPA's
+3. fp8.convert_to_fp8: loss and gradients near bf16's on the same weights and batch;
+4. decoding's attention (decode_attend, and attention.decode_attention, which generate() runs) equals SDPA's
    memory-efficient kernel, and cached decoding steps give the logits of full forwards without a cache;
 5. where flash-attn is installed: ATTENTION="flash" gives SDPA's outputs and gradients at head_dim 72 with GQA, and
    the compiled model's gradients under it equal SDPA's;
@@ -19,8 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import attention as A  # noqa: E402
+import engine  # noqa: E402
+import fp8  # noqa: E402
 import grpo  # noqa: E402
-import kernels  # noqa: E402
 import model as M  # noqa: E402
 
 torch.manual_seed(0)
@@ -58,16 +60,16 @@ def forced_logits(way, tokens, compiled=False):
     flips a greedy token changes that one argmax, not the rest of its row): way = "graph" (generate()'s CUDA graph),
     "cache" (eager steps on a KV cache) or "uncached" (a full forward over the sequence so far); compiled: the graph's
     blocks as decode_block_fn's compiled halves (generate(compile=True))."""
-    idx, pad = M.left_pad(prompts, 0, dev)
+    idx, pad = engine.left_pad(prompts, 0, dev)
     out = []
     with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
         if way == "uncached":
             for t in range(tokens.shape[1]):
-                out.append(m.logits(m._hidden_padded(torch.cat([idx, tokens[:, :t]], 1), pad)[:, -1]))
+                out.append(engine.full_logits(m, torch.cat([idx, tokens[:, :t]], 1), pad))
         else:
-            cache = M.KVCache(m.cfg, len(prompts), idx.shape[1] + tokens.shape[1], pad, torch.bfloat16, dev)
+            cache = engine.KVCache(m.cfg, len(prompts), idx.shape[1] + tokens.shape[1], pad, torch.bfloat16, dev)
             out.append(m(idx, cache=cache)[:, -1])
-            step = m._decoder(cache, len(prompts), torch.device(dev), compiled) if way == "graph" else lambda tok: m(tok, cache=cache)[:, -1]
+            step = engine._decoder(m, cache, compiled) if way == "graph" else lambda tok: m(tok, cache=cache)[:, -1]
             out += [step(tokens[:, t:t + 1]).clone() for t in range(tokens.shape[1] - 1)]
     return torch.stack(out, 1)
 
@@ -79,39 +81,39 @@ def agree(a, b):
 
 with torch.autocast(dev, dtype=torch.bfloat16):
     graphed, _ = m.generate(prompts, 24, temperature=0)
-    M.DECODE_CUDA_GRAPH = False
-    eager, _ = m.generate(prompts, 24, temperature=0)
-    M.DECODE_CUDA_GRAPH = True
+    eager, _ = m.generate(prompts, 24, temperature=0, cuda_graph=False)
 by_cache = forced_logits("cache", eager)
 rel_e, same_e = agree(forced_logits("graph", eager), by_cache)
 rel_c, same_c = agree(forced_logits("graph", eager, compiled=True), by_cache)
 with torch.autocast(dev, dtype=torch.bfloat16):
-    m.generate(prompts[::-1], 24, temperature=0, compile=True, keep_decoder=True)  # captures the graph it keeps, as GRPO
-kept_cache = M._KEPT[m][1]
+    kept_engine = engine.Engine(m, compile=True)
+    kept_engine.generate(prompts[::-1], 24, temperature=0)  # captures the graphs it keeps, as GRPO
+kept_cache = kept_engine.cache
 saved = {k: v.clone() for k, v in m.state_dict().items()}
 with torch.no_grad():  # as an optimizer step between two GRPO rollouts: the weights change in place
     for p in m.parameters():
         p.add_(torch.randn_like(p), alpha=0.02)
 with torch.autocast(dev, dtype=torch.bfloat16):  # another autocast context, as each rollout has
-    kept, _ = m.generate(prompts, 24, temperature=0, compile=True, keep_decoder=True)  # replays it: other prompts, padding, weights
-    reused = M._KEPT.pop(m)[1] is kept_cache
-    fresh, _ = m.generate(prompts, 24, temperature=0, compile=True, keep_decoder=True)  # new graphs: the same padding, kernels
+    kept, _ = kept_engine.generate(prompts, 24, temperature=0)  # replays it: other prompts, padding, weights
+    reused = kept_engine.cache is kept_cache
+    fresh_engine = engine.Engine(m, compile=True)
+    fresh, _ = fresh_engine.generate(prompts, 24, temperature=0)  # new graphs: the same padding, kernels
 m.load_state_dict(saved)
 with torch.autocast(dev, dtype=torch.bfloat16):
-    idx, pad = M.left_pad(prompts, 0, dev)  # the prefill of generate(compile=True), compiled vs eager
-    caches = [M.KVCache(m.cfg, len(prompts), idx.shape[1] + 8, pad, torch.bfloat16, dev) for _ in range(2)]
+    idx, pad = engine.left_pad(prompts, 0, dev)  # the prefill of generate(compile=True), compiled vs eager
+    caches = [engine.KVCache(m.cfg, len(prompts), idx.shape[1] + 8, pad, torch.bfloat16, dev) for _ in range(2)]
     with torch.no_grad():
         h_eager, h_comp = m.hidden(idx, caches[0]), M.compiled_hidden()(m, idx, caches[1])
-graphs = M._KEPT[m][2]
-if isinstance(graphs, M._Graphs):  # CUDA: its prefill graph (captured by the calls above) vs the eager prefill
+graphs = fresh_engine.decode
+if isinstance(graphs, engine._Graphs):  # CUDA: its prefill graph (captured by the calls above) vs the eager prefill
     rows = [prompts[0], prompts[2], prompts[0], prompts[1]]  # the kept decoder's 4 rows, one prompt twice: 3 distinct
     with torch.autocast(dev, dtype=torch.bfloat16), torch.no_grad():
         graphs.refresh()
-        idx, pad = M.left_pad(rows, 0, dev, M.PREFILL_BUCKET)
+        idx, pad = engine.left_pad(rows, 0, dev, engine.PREFILL_BUCKET)
         graphs.cache.reset(pad)
-        logits_g = m._prefill(rows, idx, graphs.cache, M.compiled_hidden(), graphs).clone()
-        eager_cache = M.KVCache(m.cfg, len(rows), idx.shape[1], pad, torch.bfloat16, dev)
-        logits_e = m._prefill(rows, idx, eager_cache, M.GPT.hidden)
+        logits_g = engine._prefill(m, rows, idx, graphs.cache, M.compiled_hidden(), graphs).clone()
+        eager_cache = engine.KVCache(m.cfg, len(rows), idx.shape[1], pad, torch.bfloat16, dev)
+        logits_e = engine._prefill(m, rows, idx, eager_cache, M.GPT.hidden)
     prefill_graph = (rel_diff(logits_g, logits_e), rel_diff(graphs.cache.k[:, :, :, :idx.shape[1]], eager_cache.k),
                      graphs.cache.length == eager_cache.length, len(graphs.prefills))
 same = (graphed == eager).float().mean().item()
@@ -127,15 +129,14 @@ print(f"2. CUDA-graph decode vs eager steps on a cache, teacher-forced: logits' 
 ok &= max(rel_c, rel_e) < 0.03 and min(same_c, same_e) > 0.9  # a lost cache write or a wrong position: ~1 and ~0%
 ok &= same_kept > 0.95 and moved > 0.2 and reused  # stale or freed weights in a kept graph: ~0%
 ok &= rel_h < 0.05 and rel_k < 0.05 and caches[1].length == caches[0].length  # a lost cache write: ~1
-if isinstance(graphs, M._Graphs):
+if isinstance(graphs, engine._Graphs):
     rel_p, rel_pk, same_len, n_graphs = prefill_graph
     print(f"   a kept decoder's prefill CUDA graph ({n_graphs} captured) vs the eager prefill, a repeated prompt among 4 "
           f"rows: logits {rel_p:.1e}, KV cache {rel_pk:.1e} relative difference, same cache length: {same_len}")
     ok &= rel_p < 0.05 and rel_pk < 0.05 and same_len and n_graphs == 2  # stale weights or rows: ~1
 
-M.PRECISION = "fp8"
 m8 = M.GPT(m.cfg).to(dev)
-M.PRECISION = "bf16"
+fp8.convert_to_fp8(m8)
 m8.load_state_dict(m.state_dict())
 l8, g8 = grads_of(m8, True, x, y)
 rel8 = rel_diff(g8, g0)
@@ -144,15 +145,15 @@ ok &= abs(l8 - l0) / l0 < 0.01 and rel8 < 0.2
 B, H, R, S, D = 64, 4, 4, 300, 72
 q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=torch.bfloat16) for n in (R, S, S))
 mask = torch.arange(S, device=dev)[None, None, None, :] >= torch.randint(0, S - 1, (B, 1, 1, 1), device=dev)
-sdpa = M._masked_sdpa(q, k, v, mask, 0.0).float()
-err = (M.decode_attend(q, k, v, mask).float() - sdpa).abs().max().item()
-err_t = 0.0 if dev == "cpu" else (kernels.decode_attention(q, k, v, mask[:, 0, 0]).float() - sdpa).abs().max().item()
+sdpa = A._masked_sdpa(q, k, v, mask, 0.0).float()
+err = (A.decode_attend(q, k, v, mask).float() - sdpa).abs().max().item()
+err_t = 0.0 if dev == "cpu" else (A.decode_attention(q, k, v, mask[:, 0, 0]).float() - sdpa).abs().max().item()
 rel_u, same_u = agree(by_cache, forced_logits("uncached", eager))
 print(f"4. vs SDPA, max abs difference: decode_attend {err:.2e}, the Triton kernel {err_t:.2e} (0: CPU); cached vs "
       f"uncached decoding, teacher-forced: logits' relative difference {rel_u:.1e}, {100 * same_u:.1f}% of argmaxes equal")
 ok &= err < 2e-2 and err_t < 2e-2 and rel_u < 0.03 and same_u > 0.9  # a broken cache: ~1 and ~0%
 try:
-    flash = M._load_flash()
+    flash = A._load_flash()
 except RuntimeError as e:
     print(f"5. flash-attn: not installed, not checked ({str(e)[:60]}...)")
 else:
@@ -160,13 +161,13 @@ else:
     k, v = (torch.randn(4, 512, 4, 72, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     outs = []
     for att in ("flash", "sdpa"):
-        M.ATTENTION = att
-        o = M.attend(q, k, v)
+        A.ATTENTION = att
+        o = A.attend(q, k, v)
         outs.append((o.float(), *(g.float() for g in torch.autograd.grad(o.float().square().sum(), (q, k, v)))))
     errs = [rel_diff(a, b) for a, b in zip(*outs)]
-    M.ATTENTION = "flash"
+    A.ATTENTION = "flash"
     lf, gf = grads_of(m, True, x, y)
-    M.ATTENTION = "sdpa"
+    A.ATTENTION = "sdpa"
     relf = rel_diff(gf, g0)
     print(f"5. flash-attn vs SDPA: relative difference out {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, dv {errs[3]:.1e}; "
           f"compiled model with flash vs eager SDPA: loss {lf:.5f} / {l0:.5f}, gradient relative difference {relf:.2e}")

@@ -36,15 +36,21 @@ def test_kernel_classes_sum_per_step(capsys):
 
     class Prof:
         def key_averages(self):
-            return [Event("nvjet_sm90_tst_192x192_64x3", 6000.0), Event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 3000.0),
-                    Event("triton_red_fused_logsumexp_exp", 400.0), Event("triton_poi_fused_add_cat_mul_neg_slice", 200.0),
-                    Event("triton_poi_fused_mul_silu", 300.0), Event("multi_tensor_apply_kernel", 100.0), Event("Memset", 0.0)]
+            return [Event("nvjet_sm90_tst_192x192_64x3", 6000.0),
+                    Event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 3000.0),
+                    Event("triton_red_fused_logsumexp_exp", 400.0),
+                    Event("triton_poi_fused_add_cat_mul_neg_slice", 200.0),
+                    Event("triton_poi_fused_mul_silu", 300.0), Event("multi_tensor_apply_kernel", 100.0),
+                    Event("Memset", 0.0)]
     bench.print_kernel_classes(Prof(), steps=2)
     out = capsys.readouterr().out
     assert "GPU kernel time per step: 5.0 ms" in out
-    for line in ("GEMMs (cuBLAS)                           3.0 ms  60.0%", "attention                                1.5 ms  30.0%",
-                 "loss (softmax - one-hot)                 0.2 ms   4.0%", "QK-norm + RoPE (Inductor)                0.1 ms   2.0%",
-                 "other fused elementwise (Inductor)       0.1 ms   3.0%", "optimizer, clipping                      0.1 ms   1.0%"):
+    for line in ("GEMMs (cuBLAS)                           3.0 ms  60.0%",
+                 "attention                                1.5 ms  30.0%",
+                 "loss (softmax - one-hot)                 0.2 ms   4.0%",
+                 "QK-norm + RoPE (Inductor)                0.1 ms   2.0%",
+                 "other fused elementwise (Inductor)       0.1 ms   3.0%",
+                 "optimizer, clipping                      0.1 ms   1.0%"):
         assert line in out, line
 
 

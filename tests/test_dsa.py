@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention in model.py, on the CPU: exactness at k >= T, selection, causality, gradient
+"""DeepSeek Sparse Attention (dsa.py) on the CPU: exactness at k >= T, selection, causality, gradient
 isolation, the KL target, the indexer's hand-made gradient, KV-cache generation, loading a dense checkpoint."""
 import math
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention
+import dsa
 import model as M
 from model import GPT, make_config
 
@@ -32,7 +34,7 @@ def dsa_twin(dense, **kw):
 
 @pytest.fixture(params=["mask", "gather"])
 def impl(request, monkeypatch):
-    monkeypatch.setattr(M, "DSA_IMPL", request.param)
+    monkeypatch.setattr(dsa.SparseAttention, "impl", request.param)
     return request.param
 
 
@@ -55,15 +57,15 @@ def test_hand_built_scores_select_the_expected_keys(impl):
     ik = torch.stack([a, b], -1)[None]  # (1, T, 2)
     iq = torch.eye(2).expand(1, T, 2, 2)  # (1, T, H_I=2, D_I=2)
     iw = torch.tensor([1.0, -1.0]).expand(1, T, 2)
-    assert torch.allclose(M.index_scores(iq, ik, iw)[0, 0], torch.tensor([3.0, 0, 5, 0.5, 4, -1]))
-    idx, valid = M.select_topk(iq, ik, iw, top_k=3)
+    assert torch.allclose(dsa.index_scores(iq, ik, iw)[0, 0], torch.tensor([3.0, 0, 5, 0.5, 4, -1]))
+    idx, valid = dsa.select_topk(iq, ik, iw, top_k=3)
     chosen = [sorted(idx[0, t][valid[0, t]].tolist()) for t in range(T)]
     # rows 0-2 see fewer than 3 keys: all of them, no future slot; then the three highest visible scores
     assert chosen == [[0], [0, 1], [0, 1, 2], [0, 2, 3], [0, 2, 4], [0, 2, 4]]
     # and the attention uses exactly those keys: compare with a softmax over the expected sets by hand
     torch.manual_seed(1)
     q, k, v = torch.randn(1, T, 4, 8), torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8)
-    y = M.sparse_attend(q, k, v, idx, valid)
+    y = dsa.sparse_attend(q, k, v, idx, valid, impl=impl)
     for t in range(T):
         keys = torch.tensor(chosen[t])
         for h in range(4):
@@ -115,16 +117,17 @@ def test_kl_target_is_the_attention_distribution():
         for t in range(T):
             s = torch.stack([q[0, t, h] @ k[0, j, h // 2] for j in range(t + 1)]) / math.sqrt(D)
             p_heads[h, t, :t + 1] = torch.softmax(s, 0)
-    y = M.attend(q, k, v)  # those are the probabilities the model's attention uses
+    y = attention.attend(q, k, v)  # those are the probabilities the model's attention uses
     assert torch.allclose(torch.einsum("hts,shd->thd", p_heads, v[0].repeat_interleave(2, 1)), y[0], atol=1e-5)
     p = p_heads.sum(0) / p_heads.sum(0).sum(-1, keepdim=True)  # summed over heads, L1-normalised
-    keep = M._allowed(None, 0, T, T, "cpu")
-    assert torch.allclose(M.attention_probs(q, k, keep)[0], p, atol=1e-6)
+    keep = dsa._allowed(None, 0, T, T, "cpu")
+    assert torch.allclose(dsa.attention_probs(q, k, keep)[0], p, atol=1e-6)
     # the layer's loss is the mean over tokens of KL(p || softmax(I)), I written out term by term
     iq, ik, iw = attn.indexer(x, *(t[None, :T, None] for t in (m.dsa_rope_cos, m.dsa_rope_sin)))
     kl = 0.0
     for t in range(T):
-        scores = torch.stack([sum(iw[0, t, j] * torch.relu(iq[0, t, j] @ ik[0, s]) for j in range(4)) for s in range(t + 1)])
+        scores = torch.stack([sum(iw[0, t, j] * torch.relu(iq[0, t, j] @ ik[0, s]) for j in range(4))
+                              for s in range(t + 1)])
         kl += F.kl_div(torch.log_softmax(scores, 0), p[t, :t + 1], reduction="sum")
     m.hidden(idx, indexer_loss=True)
     assert abs(m.blocks[0].attn.indexer_loss.item() - kl.item() / T) < 1e-5
@@ -134,14 +137,15 @@ def test_kl_target_is_the_attention_distribution():
 def test_indexer_kl_gradient_equals_autograd(sparse):
     torch.manual_seed(0)
     B, T, HI, DI, H, Hkv, D = 2, 9, 3, 5, 4, 2, 6
-    iq, ik, iw = torch.randn(B, T, HI, DI, requires_grad=True), torch.randn(B, T, DI, requires_grad=True), torch.randn(B, T, HI, requires_grad=True)
+    iq, ik = torch.randn(B, T, HI, DI, requires_grad=True), torch.randn(B, T, DI, requires_grad=True)
+    iw = torch.randn(B, T, HI, requires_grad=True)
     q, k = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D)
-    idx, valid = M.select_topk(iq, ik, iw, 4) if sparse else (None, None)
-    loss = M.IndexerKL.apply(iq, ik, iw, q, k, idx, valid, True)
+    idx, valid = dsa.select_topk(iq, ik, iw, 4) if sparse else (None, None)
+    loss = dsa.IndexerKL.apply(iq, ik, iw, q, k, idx, valid, True)
     grads = torch.autograd.grad(loss, (iq, ik, iw))
-    keep = M._keep(idx, valid, 0, T, T, "cpu")  # the same loss, plainly, for autograd
-    logq = M.index_scores(iq, ik, iw).masked_fill(~keep, float("-inf")).log_softmax(-1)
-    p = M.attention_probs(q, k, keep)
+    keep = dsa._keep(idx, valid, 0, T, T, "cpu")  # the same loss, plainly, for autograd
+    logq = dsa.index_scores(iq, ik, iw).masked_fill(~keep, float("-inf")).log_softmax(-1)
+    p = dsa.attention_probs(q, k, keep)
     ref = (torch.xlogy(p, p) - p * logq.masked_fill(~keep, 0)).sum()
     assert abs(loss.item() - ref.item()) < 1e-4
     for g, r in zip(grads, torch.autograd.grad(ref, (iq, ik, iw))):
@@ -150,7 +154,7 @@ def test_indexer_kl_gradient_equals_autograd(sparse):
 
 def test_generate_with_dsa_equals_the_no_cache_path(impl):
     m = tiny(dsa_top_k=3)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300], [3]]  # the repeat shares a prefill: its indexer keys are copied
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300], [3]]  # the repeat shares a prefill: indexer keys copied
     with_cache, _ = m.generate(prompts, 12, temperature=0)
     without, _ = m.generate(prompts, 12, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
@@ -166,7 +170,7 @@ def test_gather_equals_mask_with_gradients(monkeypatch):
     idx, tgt = torch.randint(0, V, (2, 30)), torch.randint(0, V, (2, 30))
     out = {}
     for impl in ("mask", "gather"):
-        monkeypatch.setattr(M, "DSA_IMPL", impl)
+        monkeypatch.setattr(dsa.SparseAttention, "impl", impl)
         m.zero_grad()
         loss = m(idx, tgt)
         loss.backward()
@@ -205,6 +209,22 @@ def test_dense_stays_dense_and_errors_are_clear(monkeypatch):
     m = tiny(dsa_top_k=4)
     with pytest.raises(ValueError, match="DSA"):
         M.hf_config_dict(m.cfg)
-    monkeypatch.setattr(M, "DSA_IMPL", "triton")
-    with pytest.raises(ValueError, match="unknown DSA_IMPL"):
+    m.blocks[1].attn.impl = "triton"
+    with pytest.raises(ValueError, match="unknown DSA impl 'triton'; use 'mask' or 'gather'"):
         m(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_dense_models_never_import_dsa_and_dsa_imports_first():
+    """dsa.py is an opt-in: building and running a dense model leaves it unimported, and importing it before model.py
+    (its base) makes no import cycle."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch, model, engine; m = model.GPT(model.make_config('debug')); m.generate([[1, 2]], 2); "
+            "assert 'dsa' not in sys.modules, 'dsa imported'; import dsa; "
+            "print(type(model.GPT(model.make_config('debug', dsa_top_k=2)).blocks[0]).__name__)")
+    for c in (code, "import dsa, model; print(dsa.SparseBlock.__mro__[1].__name__)"):
+        p = subprocess.run([sys.executable, "-c", c], cwd=root, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "Block"

@@ -33,16 +33,17 @@ def test_float8_linear_matches_linear_forward_and_backward():
     assert lin.weight.grad.dtype == torch.float32
 
 
-def test_fp8_model_keeps_its_state_dict_and_learns(monkeypatch):
-    monkeypatch.setattr(M, "PRECISION", "fp8")
+def test_fp8_model_keeps_its_state_dict_and_learns():
     torch.manual_seed(0)
     m = M.GPT(M.make_config("debug", vocab_size=64))
+    ref = M.GPT(M.make_config("debug", vocab_size=64))
+    ref.load_state_dict(m.state_dict())
+    assert fp8.convert_to_fp8(m) == 8  # 4 Linears in each of 2 blocks
     kinds = {type(mod).__name__ for mod in m.blocks.modules()}
     assert "Float8Linear" in kinds and "Linear" not in kinds
     assert type(m.lm_head) is torch.nn.Linear  # the head stays high precision
-    monkeypatch.setattr(M, "PRECISION", "bf16")
-    ref = M.GPT(M.make_config("debug", vocab_size=64))
-    assert list(ref.state_dict()) == list(m.state_dict())
+    assert list(ref.state_dict()) == list(m.state_dict())  # an fp8 run's checkpoint loads into a plain GPT
+    ref.load_state_dict(m.state_dict(), strict=True)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     x = torch.randint(0, 64, (4, 33))
     losses = []
@@ -57,9 +58,34 @@ def test_fp8_model_keeps_its_state_dict_and_learns(monkeypatch):
 
 def test_shapes_measured_slower_stay_in_bf16(monkeypatch):
     """convert_to_fp8 leaves (in, out) shapes listed in skip_fp8_shapes as nn.Linear: here the debug preset's qkv."""
-    monkeypatch.setattr(M, "PRECISION", "fp8")
     monkeypatch.setattr(fp8, "skip_fp8_shapes", {(64, 128)})
     model = M.GPT(M.make_config("debug"))
+    fp8.convert_to_fp8(model)
     kinds = {name: type(m).__name__ for name, m in model.blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
     assert kinds["attn.qkv"] == "Linear" and kinds["attn.proj"] == "Float8Linear", kinds
     assert kinds["mlp.down"] == "Float8Linear", kinds
+
+
+def test_fp8_does_not_import_model():
+    """fp8.py applies to a built model (train.py, bench.py call convert_to_fp8): no fp8 <-> model import cycle."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", "import sys, fp8; print('model' in sys.modules)"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr[-2000:]
+
+
+def test_train_py_applies_fp8_and_its_checkpoint_loads_into_a_plain_gpt(tmp_path):
+    """train.py --precision=fp8 converts the built model (the switches line says so); its checkpoint loads strictly
+    into a plain GPT; an unknown precision is one clear line."""
+    from test_train import make_dataset, run
+    make_dataset(tmp_path / "data")
+    p = run(tmp_path, "--precision=fp8", "--max_tokens=640", f"--out_dir={tmp_path / 'out'}")
+    assert "PRECISION=fp8" in p.stdout
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+    plain = M.GPT(M.GPTConfig(**ckpt["model_config"]))
+    plain.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}, strict=True)
+    bad = run(tmp_path, "--precision=fp16", "--max_tokens=640", f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "unknown precision='fp16'; use 'bf16' or 'fp8'"
