@@ -119,9 +119,10 @@ def test_medqa_and_gsm8k_rows(tmp_path):
     assert P.row_text(row, "text", "x") == "Question: What is given?\nA. Aspirin\nB. Heparin\nAnswer: B"
     gsm = {"question": "2+2?", "answer": "It is 4.\n#### 4"}
     assert P.row_text(gsm, "text", "x") == "Question: 2+2?\nAnswer: It is 4.\n#### 4"
-    src = write_jsonl(tmp_path / "q.jsonl", [row, row])
-    run("--source", src, "--tokenizer", "char", "--val-fraction", 0, "--out", tmp_path / "o")
+    src, val = write_jsonl(tmp_path / "q.jsonl", [row, row]), write_jsonl(tmp_path / "v.jsonl", [gsm])
+    run("--source", src, "--val-source", val, "--tokenizer", "char", "--out", tmp_path / "o")
     assert decoded(tmp_path / "o", "train") == ["Question: What is given?\nA. Aspirin\nB. Heparin\nAnswer: B"] * 2
+    assert decoded(tmp_path / "o", "val") == ["Question: 2+2?\nAnswer: It is 4.\n#### 4"]
 
 
 @needs_shared
@@ -247,7 +248,8 @@ def test_dtype_choice_and_large_vocab(tmp_path):
     tk.add_special_tokens(["<|endoftext|>"])
     tk.save(str(tmp_path / "tokenizer.json"))
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": "w1 w69999 w5"}, {"text": "w69000"}])
-    meta = run("--source", src, "--tokenizer", tmp_path / "tokenizer.json", "--val-fraction", 0, "--out", tmp_path / "o")
+    val = write_jsonl(tmp_path / "v.jsonl", [{"text": "w7"}])
+    meta = run("--source", src, "--val-source", val, "--tokenizer", tmp_path / "tokenizer.json", "--out", tmp_path / "o")
     assert (meta["dtype"], meta["vocab_size"], meta["eos_id"]) == ("uint32", 70002, 70001)
     docs, _ = read_split(tmp_path / "o", "train")
     assert [d.tolist() for d in docs] == [[2, 70000, 6, 70001], [69001, 70001]]
