@@ -91,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 | char | path/to/tokenizer.json")
     p.add_argument("--out", help="output folder, e.g. data/gutenberg")
-    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents drawn into val")
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="share of documents drawn into val (> 0 unless --val-source)")
     p.add_argument("--val-source", metavar="PATH", help="use this whole source as the val split instead")
     p.add_argument("--holdout-authors", type=int, default=0, metavar="N",
                    help=f"move all documents of N authors (column '{AUTHOR}', seeded by --seed) out of train into "
@@ -259,8 +260,7 @@ def pick_authors(sources, args):
                 if author is not None and n:
                     d, b = sizes.get(author, (0, 0))
                     sizes[author] = (d + 1, b + n)
-    # only authors with <= 3% of the bytes each: one big author (a Dickens) would make the split too large and
-    # too variable; with the usual long tail of authors N picks then hold out about N x the average small share
+    # pick only among authors with <= 3% of the bytes each: one prolific author would make the split large and erratic
     eligible = sorted(a for a, (_, b) in sizes.items() if b <= HOLDOUT_MAX_SHARE * total)
     if len(eligible) < args.holdout_authors:
         die(f"--holdout-authors {args.holdout_authors}: only {len(eligible)} of the {len(sizes)} authors have at most "
