@@ -26,16 +26,31 @@ parser.add_argument("--device", default="auto")
 parser.add_argument("--attention", default="sdpa", help="attention.ATTENTION")
 
 
+def read_start(start):
+    """The prompt: the text itself, or the contents of the file after nanoGPT's FILE: prefix."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"sample.py: error: cannot read the prompt file of --start FILE:{path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"sample.py: error: the prompt file {path} is not UTF-8 (byte offset {e.start})")
+
+
 def main(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     A.ATTENTION = args.attention
+    start = read_start(args.start)  # before the checkpoint loads: a typo fails at once
     ckpt = load_checkpoint(args.ckpt)
     tok = load_tokenizer(ckpt["tokenizer"])
     model = load_model(ckpt, device)[0].eval()
-    start = open(args.start[5:]).read() if args.start.startswith("FILE:") else args.start
     prompt = tok.encode(start) or [tok.eos_id]  # an empty prompt starts from a document boundary
     generator = torch.Generator(device).manual_seed(args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                else torch.autocast("cpu", enabled=False))
     t0 = time.time()
     with autocast:
         out, lengths = model.generate([prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k,

@@ -101,7 +101,7 @@ def get_tokenizer(name, chars=None):
 
 
 def load_tokenizer(meta, data_dir=None):
-    """The tokenizer a dataset was written with, from its meta.json dict (data_dir: where a copied tokenizer.json lives)."""
+    """The tokenizer a dataset was written with, from its meta.json dict (data_dir: where its tokenizer.json is)."""
     name = meta["tokenizer"]
     if name not in ("gpt2", "char") and not os.path.isfile(name) and data_dir:
         name = os.path.join(data_dir, "tokenizer.json")  # prepare_data.py keeps a copy beside the .bin files

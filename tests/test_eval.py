@@ -18,11 +18,16 @@ CPU = torch.device("cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
-ROWS = [{"question": "Which organ pumps blood?", "options": {"A": "liver", "B": "heart", "C": "lung", "D": "skin"}, "answer_idx": "B"},
-        {"question": "Largest bone?", "options": {"A": "femur", "B": "ulna", "C": "rib", "D": "stapes"}, "answer_idx": "A"},
-        {"question": "Insulin comes from?", "options": {"A": "kidney", "B": "thyroid", "C": "pancreas", "D": "brain"}, "answer_idx": "C"},
-        {"question": "Vitamin C lack causes?", "options": {"A": "rickets", "B": "beriberi", "C": "pellagra", "D": "scurvy"}, "answer_idx": "D"},
-        {"question": "Normal heart rate (per min)?", "options": {"A": "70", "B": "7", "C": "700", "D": "7000"}, "answer_idx": "A"}]
+ROWS = [{"question": "Which organ pumps blood?", "options": {"A": "liver", "B": "heart", "C": "lung", "D": "skin"},
+         "answer_idx": "B"},
+        {"question": "Largest bone?", "options": {"A": "femur", "B": "ulna", "C": "rib", "D": "stapes"},
+         "answer_idx": "A"},
+        {"question": "Insulin comes from?", "options": {"A": "kidney", "B": "thyroid", "C": "pancreas", "D": "brain"},
+         "answer_idx": "C"},
+        {"question": "Vitamin C lack causes?",
+         "options": {"A": "rickets", "B": "beriberi", "C": "pellagra", "D": "scurvy"}, "answer_idx": "D"},
+        {"question": "Normal heart rate (per min)?", "options": {"A": "70", "B": "7", "C": "700", "D": "7000"},
+         "answer_idx": "A"}]
 
 
 def setup_char_model(seed=0):
@@ -92,14 +97,19 @@ def test_numbers_tasks_are_scored_by_exact_match(monkeypatch):
     assert res["generate"]["correct"] == 2 and res["generate"]["unparsable"] == 0.0  # '31' != '3'
 
 
-def test_eval_cli_end_to_end(tmp_path, capsys):
+def save_char_ckpt(path):
     m, tok, meta, _ = setup_char_model()
-    data = tmp_path / "mcq.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    ckpt = tmp_path / "ckpt.pt"
-    save_checkpoint(str(ckpt), {"model_config": asdict(m.cfg), "model": m.state_dict(), "optimizer": None, "step": 7,
+    save_checkpoint(str(path), {"model_config": asdict(m.cfg), "model": m.state_dict(), "optimizer": None, "step": 7,
                                 "tokens_seen": 0, "data_state": None, "rng": None, "config": {}, "tokenizer": meta,
                                 "best_val_loss": 1.0, "kind": "pretrain"})
+    return str(path)
+
+
+def test_eval_cli_end_to_end(tmp_path, capsys):
+    m, tok, _, _ = setup_char_model()
+    data = tmp_path / "mcq.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    ckpt = save_char_ckpt(tmp_path / "ckpt.pt")  # the same weights as m (same seed)
     out = tmp_path / "res.json"
     eval_cli.main(["--ckpt", str(ckpt), "--task", "medqa", "--data", str(data), "--mode", "both", "--device", "cpu",
                     "--json", str(out), "--max_new_tokens", "4", "--show", "1"])
@@ -110,12 +120,43 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
     direct = grpo.evaluate_loglik(m, tok, [tasks.mcq_example(r, "medqa", i) for i, r in enumerate(ROWS)])
     assert saved["results"]["loglik"]["correct"] == direct["correct"]
     with pytest.raises(SystemExit, match="no data file"):
-        eval_cli.main(["--ckpt", str(ckpt), "--task", "medqa", "--data", str(tmp_path / "missing.jsonl"), "--device", "cpu"])
+        eval_cli.main(["--ckpt", str(ckpt), "--task", "medqa", "--data", str(tmp_path / "missing.jsonl"),
+                       "--device", "cpu"])
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "gpt2.tiktoken")), reason="../shared/data absent")
+def test_eval_cli_bad_data_is_one_line_with_file_and_line(tmp_path):
+    ckpt = save_char_ckpt(tmp_path / "ckpt.pt")
+    good = json.dumps(ROWS[0]) + "\n"
+    no_options = {k: v for k, v in ROWS[1].items() if k != "options"}
+    cases = {"medqa": [(good + "\n" + json.dumps(no_options) + "\n",  # a blank line still counts as a line
+                        r"x.jsonl:3: a medqa row needs the fields question, options, answer_idx \(or prompt and "
+                        r"answer\); missing options; fields are \['answer_idx', 'question'\]$"),
+                       (good + '{"question": "cut off', r"x.jsonl:2: bad JSON \(Unterminated string"),
+                       (good + json.dumps({**ROWS[2], "answer_idx": "E"}) + "\n",
+                        r"x.jsonl:2: answer_idx 'E' is not one of the options \['A', 'B', 'C', 'D'\]$"),
+                       (good + "[1, 2]\n", "x.jsonl:2: a row must be a JSON object, not list$"),
+                       ("", r"x.jsonl: no examples \(the file is empty\)$"),
+                       ("\n \n", r"x.jsonl: no examples \(the file is empty\)$")],
+             "gsm8k": [(json.dumps({"question": "2+2?"}) + "\n", "x.jsonl:1: a gsm8k row needs the fields question, "
+                        r"answer \(or prompt and answer\); missing answer")]}
+    for task, items in cases.items():
+        for text, msg in items:
+            (tmp_path / "x.jsonl").write_text(text)
+            with pytest.raises(SystemExit, match=msg):
+                eval_cli.main(["--ckpt", ckpt, "--task", task, "--data", str(tmp_path / "x.jsonl"), "--device", "cpu"])
+    (tmp_path / "x.jsonl").write_bytes(good.encode() + b'{"question": "caf\xe9"}\n')
+    with pytest.raises(SystemExit, match="x.jsonl:2: not UTF-8 at byte 17 of the line"):
+        eval_cli.main(["--ckpt", ckpt, "--task", "medqa", "--data", str(tmp_path / "x.jsonl"), "--device", "cpu"])
+    # uniform prompt/answer rows are fine for every task, as tasks.load_task reads them
+    (tmp_path / "x.jsonl").write_text(json.dumps({"prompt": "Question: Largest bone?\nAnswer:", "answer": "3"}) + "\n")
+    res = eval_cli.main(["--ckpt", ckpt, "--task", "addition", "--data", str(tmp_path / "x.jsonl"), "--device", "cpu",
+                         "--max_new_tokens", "2"])
+    assert res["generate"]["n"] == 1
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "gpt2.tiktoken")), reason="shared data absent")
 def test_medqa_dev_letters_are_single_gpt2_tokens_after_answer(monkeypatch):
-    """As lm-eval medqa_4options: 'Answer:' then ' A'...' D', each one GPT-2 token, so loglik = one next-token choice."""
+    """As lm-eval medqa_4options: 'Answer:' then ' A'...' D', each one GPT-2 token: loglik = one next-token choice."""
     monkeypatch.setenv("TIKTOKEN_GPT2_FILE", os.path.join(SHARED, "gpt2.tiktoken"))
     tok = load_tokenizer({"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256})
     exs = grpo.load_examples("medqa", os.path.join(SHARED, "medqa", "dev.jsonl"), n=6, split="eval")

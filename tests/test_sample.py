@@ -1,0 +1,52 @@
+"""sample.py end to end on the CPU with a tiny char-level checkpoint; --start FILE: errors are one line."""
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import grpo
+import sample
+from checkpoint import save_checkpoint
+from model import GPT, make_config
+
+TEXT = "the quick brown fox jumps over the lazy dog\n"
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    meta = grpo.char_meta([TEXT])
+    torch.manual_seed(0)
+    m = GPT(make_config("debug", vocab_size=meta["vocab_size"])).eval()
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"model_config": asdict(m.cfg), "model": m.state_dict(),
+                                                "optimizer": None, "step": 1, "tokens_seen": 0, "data_state": None,
+                                                "rng": None, "config": {}, "tokenizer": meta, "best_val_loss": 1.0,
+                                                "kind": "pretrain"})
+    return str(tmp_path / "ckpt.pt")
+
+
+def sample_cli(*argv):
+    sample.main(sample.parser.parse_args(["--device", "cpu", "--num_samples", "2", "--max_new_tokens", "5", *argv]))
+
+
+def test_start_from_a_file(ckpt, tmp_path, capsys):
+    (tmp_path / "prompt.txt").write_text("the lazy fox")
+    sample_cli("--ckpt", ckpt, "--start", f"FILE:{tmp_path / 'prompt.txt'}")
+    out = capsys.readouterr().out
+    samples = out.split("-" * 60 + "\n")  # generated text may hold newlines: split at the separators
+    assert len(samples) == 3 and all(t.startswith("the lazy fox") for t in samples[:2])
+    assert re.fullmatch(r"\d+ new tokens in .* \(2 samples, batched, KV cache\)\n", samples[2])
+
+
+def test_start_file_errors_are_one_line(ckpt, tmp_path):
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(SystemExit, match=rf"^sample.py: error: cannot read the prompt file of --start "
+                                         rf"FILE:{missing}: No such file or directory$"):
+        sample_cli("--ckpt", ckpt, "--start", f"FILE:{missing}")
+    with pytest.raises(SystemExit, match=r"^sample.py: error: cannot read the prompt file of --start FILE:.*: "
+                                         r"Is a directory$"):
+        sample_cli("--ckpt", ckpt, "--start", f"FILE:{tmp_path}")
+    (tmp_path / "latin1.txt").write_bytes("the café".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"^sample.py: error: the prompt file .*latin1.txt is not UTF-8 "
+                                         r"\(byte offset 7\)$"):
+        sample_cli("--ckpt", ckpt, "--start", f"FILE:{tmp_path / 'latin1.txt'}")
