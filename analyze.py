@@ -27,7 +27,8 @@ def plot_loss(log_path, out):
     if train:
         x = [r.get("tokens", r["step"]) for r in train]
         ax.plot(x, [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
-    for key in sorted({k for r in records for k in r if k.endswith("/loss") or k.endswith("reward_mean") or k.endswith("/acc")}):
+    curves = {k for r in records for k in r if k.endswith("/loss") or k.endswith("reward_mean") or k.endswith("/acc")}
+    for key in sorted(curves):
         pts = [(r.get("tokens", r["step"]), r[key]) for r in records if key in r]
         ax.plot(*zip(*pts), "o-", ms=3, label=key)
     ax.set_xlabel("tokens" if train and "tokens" in train[0] else "step")

@@ -20,20 +20,21 @@ case "$RECIPE" in
     elif online; then
       python3 prepare_data.py --hf HuggingFaceFW/fineweb-edu --hf-config sample-10BT --hf-max-docs 20000 --out data/demo
     else
-      echo "offline: set DATA=<parquet/jsonl/txt file or folder> (here: DATA=../shared/data/gutenberg) and TIKTOKEN_GPT2_FILE=<gpt2.tiktoken>"
+      echo "offline: set DATA=<parquet/jsonl/txt file or folder> and TIKTOKEN_GPT2_FILE=<gpt2.tiktoken>"
       exit 1
     fi
     if [ "$GPU" = 1 ]; then
       python3 train.py config/gutenberg.py --data_dir=data/demo --out_dir=out/demo
     else  # the debug preset with the GPT-2 vocabulary: a few minutes on a laptop CPU
-      python3 train.py config/debug.py --data_dir=data/demo --out_dir=out/demo --max_tokens=200000 --eval_every_steps=50 --lr=3e-3
+      python3 train.py config/debug.py --data_dir=data/demo --out_dir=out/demo --max_tokens=200000 \
+          --eval_every_steps=50 --lr=3e-3
     fi
     python3 sample.py --ckpt out/demo/ckpt.pt --start "The" --num_samples 2 --max_new_tokens 60
     ;;
   a100_1day|a100_2day|a100_3day)
-    if [ ! -f data/fineweb_medqa/meta.json ]; then  # 85% FineWeb-Edu (streamed) + 15% medical QA text (MedQA-schema jsonl)
+    if [ ! -f data/fineweb_medqa/meta.json ]; then  # 85% FineWeb-Edu (streamed) + 15% MedQA-schema medical text
       MED=${MED:-}
-      [ -f "$MED" ] || { echo "set MED=<MedQA-schema jsonl of medical questions> (here: MED=../shared/data/medmcqa/questions.jsonl)"; exit 1; }
+      [ -f "$MED" ] || { echo "set MED=<MedQA-schema jsonl of medical questions, e.g. MedMCQA's train split>"; exit 1; }
       python3 prepare_data.py --hf HuggingFaceFW/fineweb-edu:0.85 --hf-config sample-10BT --source "$MED:0.15" \
           --max-tokens 2100000000 --shard-tokens 500000000 --out data/fineweb_medqa
     fi
@@ -49,7 +50,8 @@ case "$RECIPE" in
     python3 grpo.py "config/$RECIPE.py"
     ;;
   *)
-    echo "unknown recipe $RECIPE: use demo (default), a100_1day, a100_2day, a100_3day, usmle, grpo_gsm8k or grpo_addition"
+    echo "unknown recipe $RECIPE: use demo (default), a100_1day, a100_2day, a100_3day, usmle, grpo_gsm8k" \
+         "or grpo_addition"
     exit 2
     ;;
 esac

@@ -1,5 +1,6 @@
 # CPU smoke run, ~2 minutes: the debug preset on character-level Shakespeare.
-# data: python prepare_data.py --tokenizer char --source ../shared/data/tinyshakespeare/input.txt --val-fraction 0.1 --out data/shakespeare_char
+# data: python prepare_data.py --tokenizer char --source <tinyshakespeare>/input.txt --val-fraction 0.1 \
+#         --out data/shakespeare_char
 out_dir = "out/debug"
 data_dir = "data/shakespeare_char"
 preset = "debug"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GRPO learning on the CPU in ~8 minutes (2 cores): a 0.76M-parameter character-level model pretrained on
-# addition text (1-3 digit operands), then GRPO on the same task; accuracy on held-out pairs before and after.
+# GRPO learning on the CPU: a 0.76M-parameter character-level model pretrained on addition text (1-3 digit
+# operands), then GRPO on the same task; held-out accuracy before and after (grpo.py's evaluations).
+#   bash dev/grpo_cpu_demo.sh          (OUT: out/grpo_cpu_demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/grpo_cpu_demo}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issues 4 and 6 on one machine with 2 or 4 GPUs: tokens/s per GPU of DDP and FSDP against one GPU (medium-large,
 # 16 x 2048 per GPU, compiled, Gutenberg tokens), then the FSDP run on all GPUs resumed on half of them. Table last.
-#   SRC=../shared/data bash dev/multigpu_evidence.sh
+#   bash dev/multigpu_evidence.sh
+#   NGPU=4 STEPS=40 ONLY="single fsdp" bash dev/multigpu_evidence.sh
 # Environment: NGPU (2 or 4; default: all visible), SRC (data folder), RUNS (output folder, out/multigpu), STEPS per
 # run (25), ONLY (a subset of "single ddp2 ddp4 fsdp"; fsdp includes its resume), MB and BLOCK (16, 2048), ARGS (more
-# --key=value; a CPU smoke run with gloo:
-# NGPU=2 MB=2 BLOCK=64 ARGS="--device=cpu --preset=debug --compile=False").
+# --key=value). A CPU smoke run with gloo: NGPU=2 MB=2 BLOCK=64 ARGS="--device=cpu --preset=debug --compile=False".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-out/multigpu}
@@ -16,15 +16,17 @@ HALF=$((NGPU / 2))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source dev/gutenberg_data.sh
 MB=${MB:-16} BLOCK=${BLOCK:-2048}
-common=(config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=$BLOCK --micro_batch=$MB --grad_accum=1
-        --eval_every_steps=0 --log_every_steps=5 --checkpoint_every_steps=0
-        --lr=6e-4 --warmup_tokens=$((5 * MB * BLOCK)) --decay_fraction=0 ${ARGS:-})  # constant lr: the resume continues the same curve
+# constant lr: the resumed run continues the same curve
+common=(config/gutenberg.py --preset=medium-large "--model_overrides={}" --block_size=$BLOCK --micro_batch=$MB
+        --grad_accum=1 --eval_every_steps=0 --log_every_steps=5 --checkpoint_every_steps=0
+        --lr=6e-4 --warmup_tokens=$((5 * MB * BLOCK)) --decay_fraction=0 ${ARGS:-})
 launch() {  # launch N-gpus out_dir max_tokens [more args]
     local n=$1 dir=$2 tokens=$3; shift 3
     local cmd=(python train.py)
     [ "$n" -gt 1 ] && cmd=(torchrun --standalone --nproc_per_node="$n" train.py)
     echo "=== $dir on $n GPU(s): ${cmd[*]} ... $*"
-    "${cmd[@]}" "${common[@]}" --out_dir="$dir" --max_tokens="$tokens" "$@" 2>&1 | grep -E "^step|saved|resum|switches|Error|error" || true
+    "${cmd[@]}" "${common[@]}" --out_dir="$dir" --max_tokens="$tokens" "$@" 2>&1 \
+        | grep -E "^step|saved|resum|switches|Error|error" || true
 }
 rm -rf "$RUNS"
 specs=("1 single ddp" "2 ddp2 ddp")
@@ -37,7 +39,9 @@ for spec in "${specs[@]}"; do
     launch "$n" "$RUNS/$name" $((STEPS * n * MB * BLOCK)) --parallel="$mode"
 done
 # resume the FSDP run on half the GPUs for STEPS more steps (the schedule counts tokens, so it carries over)
-[[ " $ONLY " == *" fsdp "* ]] && launch "$HALF" "$RUNS/fsdp$NGPU" $((STEPS * (NGPU + HALF) * MB * BLOCK)) --parallel=fsdp --init_from=resume
+if [[ " $ONLY " == *" fsdp "* ]]; then
+    launch "$HALF" "$RUNS/fsdp$NGPU" $((STEPS * (NGPU + HALF) * MB * BLOCK)) --parallel=fsdp --init_from=resume
+fi
 python - "$RUNS" "$STEPS" "$NGPU" <<'EOF'
 import json, os, statistics, sys
 runs, steps, ngpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -47,7 +51,8 @@ def speed(recs):  # median tokens/s of the logged intervals after the first 10 s
     return statistics.median([r["tokens_per_s"] for r in recs])
 table, base = [], None
 fsdp = rows(f"fsdp{ngpu}") if os.path.exists(f"{runs}/fsdp{ngpu}/log.jsonl") else []
-names = [(name, n) for name, n in (("single", 1), ("ddp2", 2), ("ddp4", 4)) if os.path.exists(f"{runs}/{name}/log.jsonl")]
+names = [(name, n) for name, n in (("single", 1), ("ddp2", 2), ("ddp4", 4))
+         if os.path.exists(f"{runs}/{name}/log.jsonl")]
 runs_list = [(name, n, rows(name)) for name, n in names]
 if fsdp:
     runs_list += [(f"fsdp{ngpu}", ngpu, [r for r in fsdp if r["step"] <= steps]),

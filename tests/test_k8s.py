@@ -45,7 +45,7 @@ def script_of(container):
 def python_commands(script):
     """[(argv after `python`)] for every python command line in a shell script."""
     out = []
-    for line in script.splitlines():
+    for line in script.replace("\\\n", "").splitlines():  # bash joins backslash-continued lines first
         tokens = shlex.split(line, comments=True)
         if "python" not in tokens:
             continue
@@ -70,7 +70,8 @@ def run_config(path):
     """A config file's settings (they are plain Python)."""
     namespace = {}
     exec(compile(open(os.path.join(ROOT, path)).read(), path, "exec"), namespace)
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not hasattr(v, "__file__")}  # as configurator.py
+    return {k: v for k, v in namespace.items()  # as configurator.py
+            if not k.startswith("_") and not callable(v) and not hasattr(v, "__file__")}
 
 
 # ---- the manifests --------------------------------------------------------------------------------------------
@@ -81,15 +82,17 @@ def test_job_asks_for_a_gpu_a_pvc_and_retries_that_resume(name):
     spec = job["spec"]["template"]["spec"]
     main = next(c for c in spec["containers"] if c["name"] == JOBS[name][0])
     assert main["resources"]["requests"]["nvidia.com/gpu"] == main["resources"]["limits"]["nvidia.com/gpu"] == 1
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert set(claims.values()) == {pvc["metadata"]["name"]}
-    for c in containers(name):  # every container sees data/ and out/ on the PVC, where the configs' relative paths point
+    for c in containers(name):  # every container sees data/ and out/ on the PVC, where configs' relative paths point
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         assert c["workingDir"] == "/workspace" and c["image"] == "nanollm:latest"  # deploy.sh replaces this name
         for path, sub in [("/workspace/data", "data"), ("/workspace/out", "out")]:
             assert mounts[path]["name"] in claims and mounts[path]["subPath"] == sub
         env = {e["name"]: e for e in c["env"]}
-        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "nanollm-hf", "key": "HF_TOKEN", "optional": True}
+        secret_ref = {"name": "nanollm-hf", "key": "HF_TOKEN", "optional": True}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == secret_ref
     # a preempted pod is replaced (restartPolicy Never + backoffLimit), and disruptions do not use up the retries
     assert spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
     rules = job["spec"]["podFailurePolicy"]["rules"]
@@ -99,7 +102,8 @@ def test_job_asks_for_a_gpu_a_pvc_and_retries_that_resume(name):
 
 
 def test_both_jobs_define_the_same_pvc_and_the_secret_template_matches():
-    assert the(load("pretrain-job.yaml"), "PersistentVolumeClaim") == the(load("grpo-job.yaml"), "PersistentVolumeClaim")
+    pvc = "PersistentVolumeClaim"
+    assert the(load("pretrain-job.yaml"), pvc) == the(load("grpo-job.yaml"), pvc)
     secret = the(load("secrets.yaml.template"), "Secret")
     assert secret["metadata"]["name"] == "nanollm-hf" and "HF_TOKEN" in secret["stringData"]
 
@@ -114,15 +118,17 @@ def test_commands_are_real_entry_points_with_real_configs_and_known_keys(name):
                 code = argv[1]
                 compile(code, f"{name}:{c['name']}", "exec")
                 for mod, attr in re.findall(r"\b(tasks|tokenizer|checkpoint|model)\.(\w+)", code):
-                    assert re.search(rf"^def {attr}\b|^{attr} = ", open(os.path.join(ROOT, mod + ".py")).read(), re.M), f"{mod}.{attr}"
+                    source = open(os.path.join(ROOT, mod + ".py")).read()
+                    assert re.search(rf"^def {attr}\b|^{attr} = ", source, re.M), f"{mod}.{attr}"
                 continue
             script, rest = argv[0], argv[1:]
             assert os.path.isfile(os.path.join(ROOT, script)), f"{name}: {script} is not in the repository"
             configs = [a for a in rest if not a.startswith("-")]
             flags = [a for a in rest if a.startswith("--")]
-            if script in ("train.py", "grpo.py"):  # configurator style: config files, then --key=value of module defaults
+            if script in ("train.py", "grpo.py"):  # configurator style: config files, then --key=value of defaults
                 for cfg in configs:
-                    assert cfg.startswith("config/") and os.path.isfile(os.path.join(ROOT, cfg)), f"{name}: no config file {cfg}"
+                    is_config = cfg.startswith("config/") and os.path.isfile(os.path.join(ROOT, cfg))
+                    assert is_config, f"{name}: no config file {cfg}"
                     unknown = set(run_config(cfg)) - module_defaults(script)
                     assert not unknown, f"{cfg} sets keys {script} does not have: {unknown}"
                 for flag in flags:
@@ -147,8 +153,9 @@ def test_pretrain_paths_agree_with_its_config_and_grpo_starts_from_them():
     grpo = next(c for c in containers("grpo-job.yaml") if c["name"] == "grpo")
     init_from = {e["name"]: e.get("value") for e in grpo["env"]}["INIT_FROM"]
     assert init_from == f"{out_dir}/ckpt.pt"
-    usmle = run_config("config/usmle.py")  # and the GRPO job agrees with its config, so a by-hand run finds the same files
-    assert init_from == usmle["init_from"] and re.search(r"^OUT=(\S+)", script_of(grpo), re.M).group(1) == usmle["out_dir"]
+    usmle = run_config("config/usmle.py")  # the GRPO job agrees with its config: a by-hand run finds the same files
+    assert init_from == usmle["init_from"]
+    assert re.search(r"^OUT=(\S+)", script_of(grpo), re.M).group(1) == usmle["out_dir"]
 
 
 # ---- the preemption wrapper, run with a fake python ------------------------------------------------------------
@@ -227,7 +234,8 @@ DEPLOY = os.path.join(K8S, "deploy.sh")
 def test_deploy_sh_syntax_and_usage():
     assert subprocess.run(["bash", "-n", DEPLOY]).returncode == 0
     for args in ([], ["bogus"], ["logs", "bogus"]):
-        r = subprocess.run(["bash", DEPLOY, *args], capture_output=True, text=True, env={**os.environ, "PATH": "/usr/bin:/bin"})
+        r = subprocess.run(["bash", DEPLOY, *args], capture_output=True, text=True,
+                           env={**os.environ, "PATH": "/usr/bin:/bin"})
         assert r.returncode == 2, (args, r.stderr)
         assert all(verb in r.stderr for verb in ("pretrain", "rl", "status", "logs", "NAMESPACE")), r.stderr
 
@@ -237,10 +245,12 @@ def test_deploy_sh_runs_the_right_kubectl_commands(tmp_path):
                                       'case "$*" in *"-f -") cat >> "$LOG" ;; esac\n')  # a manifest on stdin
     (tmp_path / "kubectl").chmod(0o755)
     log = tmp_path / "log"
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "LOG": str(log), "NAMESPACE": "ns1", "IMAGE": "reg.example/nanollm:v7"}
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "LOG": str(log), "NAMESPACE": "ns1",
+           "IMAGE": "reg.example/nanollm:v7"}
     for verb, expect in [("pretrain", "ARGS apply -n ns1 -f -"), ("rl", "ARGS apply -n ns1 -f -"),
                          ("status", "ARGS get pvc,jobs,pods -n ns1 -l app=nanollm"),
-                         ("logs", "ARGS logs -f -n ns1 job/nanollm-pretrain"), ("logs rl", "ARGS logs -f -n ns1 job/nanollm-grpo")]:
+                         ("logs", "ARGS logs -f -n ns1 job/nanollm-pretrain"),
+                         ("logs rl", "ARGS logs -f -n ns1 job/nanollm-grpo")]:
         log.write_text("")
         r = subprocess.run(["bash", DEPLOY, *verb.split()], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
@@ -249,7 +259,8 @@ def test_deploy_sh_runs_the_right_kubectl_commands(tmp_path):
         if verb in ("pretrain", "rl"):  # the manifest went in on stdin, with the chosen image
             applied = list(yaml.safe_load_all(text.split("\n", 1)[1]))
             images = {c["image"] for d in applied if d["kind"] == "Job"
-                      for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
+                      for pod in [d["spec"]["template"]["spec"]]
+                      for c in pod["containers"] + pod.get("initContainers", [])}
             assert images == {"reg.example/nanollm:v7"}
 
 
@@ -269,7 +280,7 @@ def test_dockerfile_runs_the_scripts_as_a_non_root_user():
         if l.startswith("COPY") and "--from" not in l:
             for src in l.split()[1:-1]:
                 if not src.startswith("--") and src != ".":
-                    assert os.path.exists(os.path.join(ROOT, src)), f"Dockerfile copies {src}, which is not in the repository"
+                    assert os.path.exists(os.path.join(ROOT, src)), f"Dockerfile copies {src}, not in the repository"
 
 
 def test_dockerignore_keeps_data_out_and_secrets_out_and_the_code_in():
@@ -281,6 +292,7 @@ def test_dockerignore_keeps_data_out_and_secrets_out_and_the_code_in():
         return any(fnmatch.fnmatch(path, p.rstrip("/")) or fnmatch.fnmatch(path, p.rstrip("/") + "/*")
                    or (p.startswith("**/") and fnmatch.fnmatch(os.path.basename(path), p[3:])) for p in patterns)
 
-    needed = [f for f in os.listdir(ROOT) if f.endswith(".py")] + ["config/" + f for f in os.listdir(os.path.join(ROOT, "config"))]
+    needed = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    needed += ["config/" + f for f in os.listdir(os.path.join(ROOT, "config"))]
     assert not [f for f in needed if ignored(f)]
     assert ignored("data/x/train.bin") and ignored("out/run/ckpt.pt") and ignored("tests/__pycache__/a.pyc")
