@@ -1,6 +1,7 @@
 """optimizer=muon (torch.optim.Muon + AdamW), logit soft-capping, and the eval of every split of data_dir, on CPU."""
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -127,3 +128,29 @@ def test_logit_softcap_in_logits_and_loss():
     assert all(torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4) for n, p in model.named_parameters())
     model.cfg.logit_softcap = 0.0
     assert torch.equal(model.logits(model.hidden(idx)), z)
+
+
+def test_quality_script_runs_variants_and_prints_the_table(data):
+    """dev/quality.sh's CPU smoke mode on a fake dataset with an unseen_authors split: two variants side by side,
+    then the table row of each, read from its log.jsonl."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = data / "fake" / "gutenberg"
+    make_dataset(fake)
+    meta = json.load(open(fake / "meta.json"))
+    os.link(fake / "val.bin", fake / "unseen.bin")
+    meta["splits"]["unseen_authors"] = {"files": ["unseen.bin"], "tokens": meta["splits"]["val"]["tokens"],
+                                        "bytes": 2 * meta["splits"]["val"]["tokens"]}  # val's tokens at 2 bytes each
+    json.dump(meta, open(fake / "meta.json", "w"))
+    env = {**os.environ, "CPU": "1", "DATA": str(data / "fake"), "Q_DIR": str(data / "q"),
+           "VARIANTS": "base:;muon:--optimizer=muon --max_tokens=640 --model_overrides={'n_layer':2,'dropout':0.1}"}
+    p = subprocess.run(["bash", os.path.join(root, "dev", "quality.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in p.stdout.splitlines()
+            if line.startswith("| base") or line.startswith("| muon")}
+    for name in ("base", "muon"):
+        last = [r for r in map(json.loads, open(data / "q" / name / "log.jsonl")) if "val/bpb" in r][-1]
+        unseen, val = float(rows[name][0]), float(rows[name][1])
+        assert unseen == pytest.approx(last["val/bpb"] / 2, abs=1e-4) and val == pytest.approx(last["val/bpb"], abs=1e-4)
+    assert json.load(open(data / "q" / "muon" / "config.json"))["optimizer"] == "muon"
+    assert open(data / "q" / "table_gutenberg.txt").read() in p.stdout
