@@ -253,11 +253,12 @@ if __name__ == "__main__":
     if "val" not in meta["splits"]:
         raise SystemExit(f"dataset {data_dir} has no val split (its loss picks best.pt); rerun prepare_data.py")
     # every split of data_dir but train, by its own name (val first, unseen_authors, ...), then each eval set's val
-    targets = [(split, data_dir, split) for split in sorted(meta["splits"], key=lambda s: s != "val") if split != "train"]
+    splits = sorted((s for s in meta["splits"] if s != "train"), key=lambda s: s != "val")
+    targets = [(split, data_dir, split) for split in splits]
     val_sets = {}
     for name, path, split in targets + [(name, path, "val") for name, path in eval_sets.items()]:
         if name in val_sets:
-            raise SystemExit(f"eval set {name!r} has the name of a split of {data_dir}; give it another name in eval_sets")
+            raise SystemExit(f"eval set {name!r} has the name of a split of {data_dir}; rename it in eval_sets")
         m = read_meta(path)
         if m["tokenizer"] != meta["tokenizer"] or m["vocab_size"] != meta["vocab_size"]:
             raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, the training data {meta['tokenizer']}/{meta['vocab_size']}")
@@ -316,7 +317,8 @@ if __name__ == "__main__":
             raise SystemExit(f"{out_dir}/ckpt.pt was trained with optimizer={trained_with}; resume with "
                              f"--optimizer={trained_with}, or --init_from={out_dir}/ckpt.pt keeps its weights only")
         try:
-            set_optimizer_state_dict(raw_model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(raw_model, optimizers, ckpt["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         except (KeyError, ValueError, TypeError):  # e.g. an optimizer state keyed by index (older or grpo.py checkpoints)
             raise SystemExit(f"{out_dir}/ckpt.pt has no optimizer state keyed by parameter name, as train.py writes it; "
                              f"--init_from={out_dir}/ckpt.pt keeps its weights and starts a fresh optimizer")

@@ -39,14 +39,16 @@ muon_big:--optimizer=muon --model_overrides={'n_layer':8,'n_embd':512,'n_head':8
 'mlp_hidden':1376,'dropout':0.3}"
 case $MODE in
     gutenberg) CONFIG=config/gutenberg.py; NAME=gutenberg; VARIANTS=${VARIANTS:-$GUTENBERG_VARIANTS} ;;
-    shakespeare) CONFIG=config/shakespeare_char.py; NAME=shakespeare_char; VARIANTS=${VARIANTS:-$SHAKESPEARE_VARIANTS} ;;
+    shakespeare) CONFIG=config/shakespeare_char.py; NAME=shakespeare_char
+        VARIANTS=${VARIANTS:-$SHAKESPEARE_VARIANTS} ;;
     *) echo "MODE must be gutenberg or shakespeare, not '$MODE'" >&2; exit 2 ;;
 esac
 
-if [ "$CPU" = 1 ]; then  # after the variant's flags, so they win: the debug preset (its width; the variant's layers), a few steps
+if [ "$CPU" = 1 ]; then  # after the variant's flags, so they win: the debug preset, the variant's layers, a few steps
     EXTRA="--device=cpu --compile=False --preset=debug --block_size=32 --micro_batch=4 \
 --warmup_tokens=256 --max_tokens=1280 --eval_every_steps=5 --eval_tokens=512 --log_every_steps=5"
     GPUS=2
+    export OMP_NUM_THREADS=1  # two runs side by side on a small CPU: oversubscribed threads stall each other
 else
     EXTRA=""
     GPUS=$(nvidia-smi -L | wc -l)
@@ -56,7 +58,9 @@ fi
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / GPUS > 0 ? $(nproc) / GPUS : 1 ))}
 
 # ---- data, once ----
-has_split() { python -c "import json, sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))['splits'])" "$@" 2>/dev/null; }
+has_split() {  # meta.json, split name
+    python -c "import json, sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))['splits'])" "$@" 2>/dev/null
+}
 if [ "$MODE" = gutenberg ] && ! has_split "$DATA/gutenberg/meta.json" unseen_authors; then
     python prepare_data.py --source "$SRC/gutenberg/train.parquet" --val-source "$SRC/gutenberg/val.parquet" \
         --holdout-authors 6 --out "$DATA/gutenberg" --overwrite || exit 1

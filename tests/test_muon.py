@@ -100,7 +100,8 @@ def test_every_non_train_split_is_evaluated_by_name(data):
     with open(data / "u" / "log.jsonl") as f:
         r = [r for r in map(json.loads, f) if "val/loss" in r][-1]
     assert r["unseen_authors/tokens"] == 512 and r["unseen_authors/loss"] != r["val/loss"]
-    assert r["unseen_authors/bpb"] == pytest.approx(r["unseen_authors/loss"] / np.log(2) / 2, rel=1e-12)  # 2 bytes/token
+    bits_per_token = r["unseen_authors/loss"] / np.log(2)
+    assert r["unseen_authors/bpb"] == pytest.approx(bits_per_token / 2, rel=1e-12)  # 2 bytes per token
     assert "eval step 10 unseen_authors: loss" in p.stdout
     assert p.stdout.index("eval step 10 val:") < p.stdout.index("eval step 10 unseen_authors:")  # val first
 
@@ -151,6 +152,7 @@ def test_quality_script_runs_variants_and_prints_the_table(data):
     for name in ("base", "muon"):
         last = [r for r in map(json.loads, open(data / "q" / name / "log.jsonl")) if "val/bpb" in r][-1]
         unseen, val = float(rows[name][0]), float(rows[name][1])
-        assert unseen == pytest.approx(last["val/bpb"] / 2, abs=1e-4) and val == pytest.approx(last["val/bpb"], abs=1e-4)
+        assert unseen == pytest.approx(last["val/bpb"] / 2, abs=1e-4)
+        assert val == pytest.approx(last["val/bpb"], abs=1e-4)
     assert json.load(open(data / "q" / "muon" / "config.json"))["optimizer"] == "muon"
     assert open(data / "q" / "table_gutenberg.txt").read() in p.stdout
