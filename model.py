@@ -37,6 +37,7 @@ class GPTConfig:
     tie_embeddings: bool = False  # share the input embedding with the output head
     embed_rank: int = 0  # >0: factorized embeddings V x r then r x d
     dropout: float = 0.0
+    logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c), in the loss too (as modded-nanogpt); 0 = off
     checkpoint_activations: bool = False  # recompute each block in backward: less memory, ~25% more compute
     # DeepSeek Sparse Attention (dsa.py); dsa_top_k = 0 is plain dense attention, no indexer
     dsa_top_k: int = 0  # keys each query attends to, chosen by the lightning indexer
@@ -156,10 +157,11 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------
 class LinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy of (h @ W.T) against targets (< 0: ignored), made chunk_rows rows at a time, its gradient
-    made in the forward pass chunk by chunk: no pass holds more than one chunk of float32 logits, never B x T x V."""
+    made in the forward pass chunk by chunk: no pass holds more than one chunk of float32 logits, never B x T x V.
+    softcap > 0: the logits are softcap * tanh(h @ W.T / softcap)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows=None):
+    def forward(ctx, h, weight, targets, chunk_rows=None, softcap=0.0):
         # out-of-place on purpose: slice writes into tensors made here came back as zero gradients under
         # torch.compile on CUDA (train.py's grad-norm read 0.000), while the same code was right on the CPU
         n = chunk_rows or LOSS_CHUNK_ROWS
@@ -167,13 +169,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[0], n):
             hc, tc = h[i:i + n], targets[i:i + n]
             logits = (hc @ weight.t()).float()
+            if softcap:
+                squashed = torch.tanh(logits / softcap)
+                logits = softcap * squashed
             valid = (tc >= 0).float()
             lse = torch.logsumexp(logits, dim=-1)
             tgt = tc.clamp(min=0)
             loss = loss + ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
             # the one-hot as a compare, not a scatter: one fused pass
             onehot = torch.arange(logits.shape[1], device=h.device)[None, :] == tgt[:, None]
-            dlogits = ((torch.exp(logits - lse[:, None]) - onehot.float()) * valid[:, None]).to(h.dtype)
+            dlogits = (torch.exp(logits - lse[:, None]) - onehot.float()) * valid[:, None]
+            if softcap:  # through the tanh: d(c tanh(z / c)) / dz = 1 - tanh^2
+                dlogits = dlogits * (1 - squashed * squashed)
+            dlogits = dlogits.to(h.dtype)
             grad_h.append(dlogits @ weight)
             grad_w = grad_w + (dlogits.t() @ hc).float()
         ctx.save_for_backward(torch.cat(grad_h), grad_w.to(weight.dtype))
@@ -182,7 +190,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
 class GPT(nn.Module):
@@ -293,7 +301,9 @@ class GPT(nn.Module):
         return self.head_proj(x) if self.head_proj is not None else x
 
     def logits(self, h):
-        return F.linear(h, self.head_weight()).float()
+        logits = F.linear(h, self.head_weight()).float()
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(logits / c) if c else logits
 
     def forward(self, idx, targets=None, cache=None, block_fn=None):
         """Without targets: float32 logits (B, T, V); with a KVCache (decoding), after its tokens and for the last
@@ -324,7 +334,7 @@ class GPT(nn.Module):
         h, w = h.to(dt), self.head_weight().to(dt)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         with torch.autocast(h.device.type, enabled=False):
-            loss_sum = LinearCrossEntropy.apply(h, w, targets)
+            loss_sum = LinearCrossEntropy.apply(h, w, targets, None, self.cfg.logit_softcap)
         return loss_sum / (targets >= 0).sum().clamp(min=1), indexer
 
     @torch.no_grad()
@@ -352,13 +362,20 @@ class GPT(nn.Module):
         return engine.generate(self, prompts, max_new_tokens, *args, **kw)
 
     # ---- optimizer ----
-    def configure_optimizer(self, lr, weight_decay, betas, device_type):
-        """Fused AdamW; weight decay only on matmul weights (not norms, embeddings, biases)."""
+    def configure_optimizer(self, lr, weight_decay, betas, device_type, muon=None):
+        """Fused AdamW; weight decay only on matmul weights (not norms, embeddings, biases).
+        muon=dict(lr=, momentum=, weight_decay=): [torch.optim.Muon over the blocks' Linear weights, that AdamW over
+        the rest] (Muon orthogonalizes 2-D hidden-layer updates; embeddings, head and norms want Adam)."""
+        hidden = {id(m.weight) for m in self.blocks.modules() if isinstance(m, nn.Linear)} if muon else set()
         matmul = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
-        decay = [p for p in self.parameters() if id(p) in matmul and p.requires_grad]
-        no_decay = [p for p in self.parameters() if id(p) not in matmul and p.requires_grad]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        trained = [p for p in self.parameters() if p.requires_grad and id(p) not in hidden]
+        groups = [{"params": [p for p in trained if id(p) in matmul], "weight_decay": weight_decay},
+                  {"params": [p for p in trained if id(p) not in matmul], "weight_decay": 0.0}]
+        adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        if not muon:
+            return adamw
+        muon_params = [p for p in self.parameters() if p.requires_grad and id(p) in hidden]
+        return ([torch.optim.Muon(muon_params, **muon)] if muon_params else []) + ([adamw] if trained else [])
 
 
 @functools.cache

@@ -57,6 +57,10 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = off
+optimizer = "adamw"  # "adamw" | "muon": torch.optim.Muon for the blocks' Linear weights, AdamW (lr) for the rest
+muon_lr = 0.02  # Keller Jordan's Muon lr (torch's "original" shape scaling); follows the schedule's shape like lr
+muon_momentum = 0.95  # Muon's Nesterov momentum (its default)
+muon_weight_decay = 0.01  # Muon decays by muon_lr * this per step: 2e-4, about AdamW's lr * weight_decay
 schedule = "cosine"  # "cosine": warmup then cosine to min_lr | "wsd": warmup, hold, then linear decay
 decay_fraction = 0.2  # wsd: the last fraction of training that decays to min_lr
 warmup_tokens = 1_000_000
@@ -193,7 +197,7 @@ def checkpoint_dict(step, tokens_seen, best_val_loss):
     full = StateDictOptions(full_state_dict=True, cpu_offload=FSDP)  # offloading gathers to rank 0: FSDP only
     model_state = raw_model.state_dict() if not FSDP else get_model_state_dict(raw_model, options=full)
     return {"model_config": asdict(raw_model.cfg), "model": model_state,
-            "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=full),
+            "optimizer": get_optimizer_state_dict(raw_model, optimizers, options=full),
             "step": step, "tokens_seen": tokens_seen, "data_state": pending_state,  # resume redraws the prefetched batch
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None},
             "config": config, "tokenizer": tokenizer_meta, "best_val_loss": best_val_loss, "kind": "pretrain"}
@@ -224,6 +228,11 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
 # ------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     config = configure(globals())
+    if optimizer not in ("adamw", "muon"):
+        raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+    if optimizer == "muon" and parallel == "fsdp":  # torch's Muon would orthogonalize FSDP2's sharded DTensors
+        raise SystemExit("optimizer=muon does not support parallel=fsdp (torch.optim.Muon needs whole matrices); "
+                         "use parallel=ddp or optimizer=adamw")
     RANK, WORLD, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,13 +255,20 @@ if __name__ == "__main__":
     meta = read_meta(data_dir)
     tokenizer_meta = {k: meta[k] for k in ("tokenizer", "vocab_size", "eos_id", "chars") if k in meta}
     train_batches = Batches(data_dir, "train", meta, RANK, seed)
+    if "val" not in meta["splits"]:
+        raise SystemExit(f"dataset {data_dir} has no val split (its loss picks best.pt); rerun prepare_data.py")
+    # every split of data_dir but train, by its own name (val first, unseen_authors, ...), then each eval set's val
+    splits = sorted((s for s in meta["splits"] if s != "train"), key=lambda s: s != "val")
+    targets = [(split, data_dir, split) for split in splits]
     val_sets = {}
-    for name, path in {"val": data_dir, **eval_sets}.items():
+    for name, path, split in targets + [(name, path, "val") for name, path in eval_sets.items()]:
+        if name in val_sets:
+            raise SystemExit(f"eval set {name!r} has the name of a split of {data_dir}; rename it in eval_sets")
         m = read_meta(path)
         if m["tokenizer"] != meta["tokenizer"] or m["vocab_size"] != meta["vocab_size"]:
             raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, the training data {meta['tokenizer']}/{meta['vocab_size']}")
-        split = m["splits"]["val"]
-        val_sets[name] = (Batches(path, "val", m, 0, 0).shards[0], split["tokens"] / max(1, split["bytes"]))
+        info = m["splits"][split]
+        val_sets[name] = (Batches(path, split, m, 0, 0).shards[0], info["tokens"] / max(1, info["bytes"]))
 
     # ---- model ----
     start_step, tokens_seen, best_val_loss, ckpt = 0, 0, float("inf"), None
@@ -299,10 +315,17 @@ if __name__ == "__main__":
             fully_shard(block)
         fully_shard(raw_model)
         register_fsdp_forward_method(raw_model, "token_stats")  # eval calls it instead of forward
-    optimizer = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type)
+    muon = dict(lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay) if optimizer == "muon" else None
+    optimizers = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type, muon=muon)
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]  # muon: [Muon, AdamW]
     if init_from == "resume":
+        trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
+        if trained_with != optimizer:
+            raise SystemExit(f"{out_dir}/ckpt.pt was trained with optimizer={trained_with}; resume with "
+                             f"--optimizer={trained_with}, or --init_from={out_dir}/ckpt.pt keeps its weights only")
         try:
-            set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(raw_model, optimizers, ckpt["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         except (KeyError, ValueError, TypeError):  # e.g. an optimizer state keyed by index (older or grpo.py checkpoints)
             raise SystemExit(f"{out_dir}/ckpt.pt has no optimizer state keyed by parameter name, as train.py writes it; "
                              f"--init_from={out_dir}/ckpt.pt keeps its weights and starts a fresh optimizer")
@@ -349,8 +372,10 @@ if __name__ == "__main__":
     x, y = train_batches.next(cur_batch, cur_block, dev)
     while step < max_steps:
         lr_now = lr_at(tokens_seen)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
+        muon_lr_now = muon_lr * lr_now / lr if lr else 0.0  # Muon follows the same schedule from its own peak
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = muon_lr_now if isinstance(opt, torch.optim.Muon) else lr_now
         loss_sum = torch.zeros((), device=dev)
         for micro in range(cur_accum):
             sync = micro == cur_accum - 1
@@ -373,7 +398,8 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         loss_val, grad_norm = (loss_sum / cur_accum).item(), grad_norm.item()  # synced once per step
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):  # skip the update, keep the weights
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             bad_steps += 1
             log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm}: update skipped ({bad_steps} in a row)")
             log_record({"step": step, "skipped": 1, "loss": loss_val})
@@ -381,8 +407,9 @@ if __name__ == "__main__":
                 write_checkpoint(step, tokens_seen, best_val_loss)
                 raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last good weights are in {out_dir}/ckpt.pt")
         else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             bad_steps = 0
         step += 1
         tokens_seen += tokens_per_step

@@ -1,6 +1,7 @@
 # GPU demo on real books (../shared/data/gutenberg, ~16M GPT-2 tokens), sized to beat nanoGPT's GPT-2 124M
 # recipe (1.521 bits/byte on held-out authors in 188 s on an H200) within the same wall time.
 # data: python prepare_data.py --source ../shared/data/gutenberg/train.parquet --val-source ../shared/data/gutenberg/val.parquet --out data/gutenberg
+#   add --holdout-authors 6 for an unseen_authors split, which train.py then reports beside val (dev/quality.sh does)
 out_dir = "out/gutenberg"
 data_dir = "data/gutenberg"
 preset = "small"

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Quality per compute (issue 19): each variant of a config trains on its own GPU at the same time (variant i on GPU
+# i mod the GPU count, queued behind the earlier ones when there are more variants than GPUs), timed by the shell
+# (compile included, each run with a cold compile cache of its own), then one table read from the runs' log.jsonl.
+#   bash dev/quality.sh                                  # config/gutenberg.py: unseen-author bpb, val bpb, wall
+#   MODE=shakespeare bash dev/quality.sh                 # config/shakespeare_char.py: best val loss, wall
+#   VARIANTS="base:;muon:--optimizer=muon" bash dev/quality.sh
+#   CPU=1 DATA=/tmp/fake bash dev/quality.sh             # smoke run on the CPU (tiny model): checks the script only
+# VARIANTS: "name:flags;name:flags", flags split on spaces (write dicts without spaces). Runs go to $Q_DIR/<name>,
+# their output to $Q_DIR/<name>.log; the table is printed last and kept in $Q_DIR/table_$MODE.txt.
+set -uo pipefail
+set -f  # flags such as --curriculum=[(...)] are not file patterns
+cd "$(dirname "$0")/.."
+SRC=${SRC:-.cache/data}  # gpt2.tiktoken, gutenberg/{train,val}.parquet, tinyshakespeare/input.txt
+DATA=${DATA:-data}  # prepared here once: $DATA/gutenberg (with an unseen_authors split), $DATA/shakespeare_char
+Q_DIR=${Q_DIR:-out/q}
+MODE=${MODE:-gutenberg}
+CPU=${CPU:-0}
+export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1
+
+# Muon runs 1650 steps, not 1800: its Newton-Schulz iterations add to every step, and the wall must stay <= 188 s
+M=$((1650 * 32 * 1024))
+MO="--model_overrides={'n_layer':12"  # config/gutenberg.py's model_overrides, to be closed with more fields
+GUTENBERG_VARIANTS="base:;\
+muon:--optimizer=muon --max_tokens=$M;\
+muon_wd:--optimizer=muon --max_tokens=$M --muon_weight_decay=0.05;\
+muon_drop:--optimizer=muon --max_tokens=$M $MO,'dropout':0.2};\
+muon_cap:--optimizer=muon --max_tokens=$M $MO,'dropout':0.1,'logit_softcap':30.0};\
+muon_lr:--optimizer=muon --max_tokens=$M --muon_lr=0.01;\
+muon_short:--optimizer=muon --max_tokens=$((1200 * 32 * 1024));\
+muon_reg:--optimizer=muon --max_tokens=$M --muon_weight_decay=0.05 $MO,'dropout':0.2,'logit_softcap':30.0}"
+SO="--model_overrides={'n_layer':6,'n_embd':384,'n_head':6,'n_kv_head':6,'head_dim':64,'mlp_hidden':1024"
+SHAKESPEARE_VARIANTS="base:;\
+muon:--optimizer=muon;\
+muon_drop:--optimizer=muon $SO,'dropout':0.3};\
+muon_wd:--optimizer=muon --muon_weight_decay=0.05;\
+muon_lr:--optimizer=muon --muon_lr=0.01;\
+muon_big:--optimizer=muon --model_overrides={'n_layer':8,'n_embd':512,'n_head':8,'n_kv_head':8,'head_dim':64,\
+'mlp_hidden':1376,'dropout':0.3}"
+case $MODE in
+    gutenberg) CONFIG=config/gutenberg.py; NAME=gutenberg; VARIANTS=${VARIANTS:-$GUTENBERG_VARIANTS} ;;
+    shakespeare) CONFIG=config/shakespeare_char.py; NAME=shakespeare_char
+        VARIANTS=${VARIANTS:-$SHAKESPEARE_VARIANTS} ;;
+    *) echo "MODE must be gutenberg or shakespeare, not '$MODE'" >&2; exit 2 ;;
+esac
+
+if [ "$CPU" = 1 ]; then  # after the variant's flags, so they win: the debug preset, the variant's layers, a few steps
+    EXTRA="--device=cpu --compile=False --preset=debug --block_size=32 --micro_batch=4 \
+--warmup_tokens=256 --max_tokens=1280 --eval_every_steps=5 --eval_tokens=512 --log_every_steps=5"
+    GPUS=2
+    export OMP_NUM_THREADS=1  # two runs side by side on a small CPU: oversubscribed threads stall each other
+else
+    EXTRA=""
+    GPUS=$(nvidia-smi -L | wc -l)
+    [ "$GPUS" -gt 0 ] || { echo "no GPU found (nvidia-smi -L); CPU=1 runs the smoke test" >&2; exit 1; }
+fi
+# each run compiles with its share of the cores (16 on an 8-GPU host: as on the 1-GPU machine of the 188 s bar)
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / GPUS > 0 ? $(nproc) / GPUS : 1 ))}
+
+# ---- data, once ----
+has_split() {  # meta.json, split name
+    python -c "import json, sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))['splits'])" "$@" 2>/dev/null
+}
+if [ "$MODE" = gutenberg ] && ! has_split "$DATA/gutenberg/meta.json" unseen_authors; then
+    python prepare_data.py --source "$SRC/gutenberg/train.parquet" --val-source "$SRC/gutenberg/val.parquet" \
+        --holdout-authors 6 --out "$DATA/gutenberg" --overwrite || exit 1
+fi
+if [ "$MODE" = shakespeare ] && ! has_split "$DATA/shakespeare_char/meta.json" val; then
+    python prepare_data.py --tokenizer char --source "$SRC/tinyshakespeare/input.txt" --val-fraction 0.1 \
+        --out "$DATA/shakespeare_char" --overwrite || exit 1
+fi
+
+# ---- runs: one chain of variants per GPU, all chains at once ----
+IFS=';' read -ra SPECS <<< "$VARIANTS"
+NAMES=()
+for spec in "${SPECS[@]}"; do NAMES+=("${spec%%:*}"); done
+mkdir -p "$Q_DIR"
+run_variant() {  # name, GPU, flags...
+    local name=$1 gpu=$2
+    shift 2
+    rm -rf "${Q_DIR:?}/$name" "$Q_DIR/$name.cache"
+    local start=$EPOCHREALTIME
+    # a fresh Inductor / Triton cache per run: a later run would otherwise reuse an earlier one's compiled kernels
+    CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR="$Q_DIR/$name.cache/inductor" \
+        TRITON_CACHE_DIR="$Q_DIR/$name.cache/triton" python train.py "$CONFIG" --data_dir="$DATA/$NAME" \
+        --out_dir="$Q_DIR/$name" "$@" $EXTRA > "$Q_DIR/$name.log" 2>&1
+    local rc=$?
+    echo "$start $EPOCHREALTIME $rc" > "$Q_DIR/$name.wall"
+    rm -rf "$Q_DIR/$name.cache"
+    echo "$name: exit $rc on GPU $gpu ($Q_DIR/$name.log)"
+}
+for ((gpu = 0; gpu < GPUS && gpu < ${#SPECS[@]}; gpu++)); do
+    (
+        for ((i = gpu; i < ${#SPECS[@]}; i += GPUS)); do
+            spec=${SPECS[i]}
+            read -ra flags <<< "${spec#*:}"
+            run_variant "${NAMES[i]}" "$gpu" "${flags[@]}"
+        done
+    ) &
+done
+wait
+
+# ---- table ----
+python - "$MODE" "$Q_DIR" "${NAMES[@]}" <<'EOF' | tee "$Q_DIR/table_$MODE.txt"
+import json, os, statistics, sys
+mode, q_dir, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+if mode == "gutenberg":
+    print("| variant | unseen-author bpb | val bpb | train loss (last 50 steps) | wall s | tokens/s |")
+else:
+    print("| variant | best val loss (step) | final val loss | wall s | tokens/s |")
+print("|---" * (6 if mode == "gutenberg" else 5) + "|")
+for name in names:
+    start, end, rc = open(os.path.join(q_dir, f"{name}.wall")).read().split()
+    wall = f"{float(end) - float(start):.0f}"
+    path = os.path.join(q_dir, name, "log.jsonl")
+    records = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    evals = [r for r in records if "val/loss" in r]
+    if rc != "0" or not evals:
+        print(f"| {name} | failed (exit {rc}, see {q_dir}/{name}.log) |" + " |" * (4 if mode == "gutenberg" else 3))
+        continue
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first interval holds the compile
+    speed = f"{statistics.median(speeds):,.0f}" if speeds else "-"
+    if mode == "gutenberg":
+        last = evals[-1]
+        train = [r["loss"] for r in records if "loss" in r and "skipped" not in r][-50:]
+        unseen = f"{last['unseen_authors/bpb']:.4f}" if "unseen_authors/bpb" in last else "-"
+        print(f"| {name} | {unseen} | {last['val/bpb']:.4f} | {sum(train) / len(train):.3f} | {wall} | {speed} |")
+    else:
+        best = min(evals, key=lambda r: r["val/loss"])
+        print(f"| {name} | {best['val/loss']:.4f} ({best['step']}) | {evals[-1]['val/loss']:.4f} | {wall} | {speed} |")
+EOF

@@ -1,0 +1,158 @@
+"""optimizer=muon (torch.optim.Muon + AdamW), logit soft-capping, and the eval of every split of data_dir, on CPU."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+from model import GPT, make_config
+from test_train import losses, make_dataset, run
+
+HIDDEN = ("attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_dataset(tmp_path / "data")
+    return tmp_path
+
+
+def test_muon_param_set_is_exactly_the_blocks_linear_weights():
+    model = GPT(make_config("debug", embed_rank=16))  # embed_proj / head_proj are Linear but outside the blocks
+    muon, adamw = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu", muon=dict(lr=0.02, momentum=0.95,
+                                                                                      weight_decay=0.01))
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert in_muon == {f"blocks.{i}.{w}" for i in range(2) for w in HIDDEN}
+    in_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert sorted(in_adamw) == sorted(set(names.values()) - in_muon)  # the rest, each once
+    decayed = {names[id(p)] for p in adamw.param_groups[0]["params"]}
+    assert decayed == {"embed_proj.weight", "head_proj.weight", "lm_head.weight"}
+    assert adamw.param_groups[0]["weight_decay"] == 0.1 and muon.param_groups[0]["weight_decay"] == 0.01
+    single = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")  # grpo.py's call: one AdamW over everything
+    assert isinstance(single, torch.optim.AdamW) and sum(len(g["params"]) for g in single.param_groups) == len(names)
+
+
+def test_muon_decreases_loss(data):
+    """Muon on the debug preset: the training loss falls from ~3.84 to ~0.67 nats in 80 steps (AdamW: 3.81 to 0.68)."""
+    run(data, "--max_tokens=10240", "--lr=3e-3", "--optimizer=muon", f"--out_dir={data / 'm'}")
+    log = losses(data / "m")
+    first, last = np.mean([log[s] for s in range(1, 6)]), np.mean([log[s] for s in range(76, 81)])
+    assert last < first - 2.5 and last < 1.0, (first, last)
+
+
+def test_muon_resume_is_bitwise_exact(data):
+    """20 Muon steps straight == 10 + resume 10: the same losses, weights and optimizer state, bit for bit."""
+    common = ["--max_tokens=5120", "--grad_accum=2", "--model_overrides={'dropout': 0.1}", "--optimizer=muon"]
+    run(data, *common, f"--out_dir={data / 'a'}", "--checkpoint_every_steps=10")
+    os.makedirs(data / "b")
+    os.link(data / "a" / "ckpt_0000010.pt", data / "b" / "ckpt.pt")
+    run(data, *common, f"--out_dir={data / 'b'}", "--init_from=resume")
+    straight, resumed = losses(data / "a"), losses(data / "b")
+    assert sorted(resumed) == list(range(11, 21)) and all(straight[s] == resumed[s] for s in resumed)
+    a, b = (checkpoint.load_checkpoint(str(data / d / "ckpt.pt")) for d in "ab")
+    assert a["step"] == b["step"] == 20
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for k, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in state.items())
+    buffers = {k for k, s in a["optimizer"]["state"].items() if "momentum_buffer" in s}
+    assert buffers == {f"blocks.{i}.{w}" for i in range(2) for w in HIDDEN}
+    assert a["config"]["optimizer"] == "muon"
+    assert json.load(open(data / "a" / "config.json"))["optimizer"] == "muon"
+    muon_group, adamw_group = a["optimizer"]["param_groups"][:2]  # one schedule scales both from their own peaks
+    assert muon_group["lr"] == pytest.approx(adamw_group["lr"] * 0.02 / 1e-3, rel=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizer=sgd"], "optimizer must be 'adamw' or 'muon', not 'sgd'"),
+    (["--optimizer=muon", "--parallel=fsdp"], "optimizer=muon does not support parallel=fsdp (torch.optim.Muon needs "
+                                              "whole matrices); use parallel=ddp or optimizer=adamw"),
+])
+def test_bad_optimizer_is_one_clear_line(data, args, message):
+    p = run(data, f"--out_dir={data / 'e'}", *args, check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1] == message
+    assert not os.path.exists(data / "e")  # refused before any work
+
+
+def test_resume_with_another_optimizer_is_refused(data):
+    run(data, "--max_tokens=640", f"--out_dir={data / 'o'}")
+    p = run(data, f"--out_dir={data / 'o'}", "--init_from=resume", "--max_tokens=1280", "--optimizer=muon", check=False)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1] == (f"{data / 'o'}/ckpt.pt was trained with optimizer=adamw; resume with "
+                                                 f"--optimizer=adamw, or --init_from={data / 'o'}/ckpt.pt keeps its "
+                                                 "weights only")
+
+
+def test_every_non_train_split_is_evaluated_by_name(data):
+    """A dataset with an unseen_authors split (prepare_data.py --holdout-authors): train.py reports it beside val."""
+    path = data / "data"
+    meta = json.load(open(path / "meta.json"))
+    ids = np.fromfile(path / "val.bin", dtype=np.uint16)[::-1].copy()  # other text than val, same vocab
+    ids.tofile(path / "unseen_authors.bin")
+    meta["splits"]["unseen_authors"] = {"files": ["unseen_authors.bin"], "tokens": len(ids), "bytes": 2 * len(ids)}
+    json.dump(meta, open(path / "meta.json", "w"))
+    p = run(data, "--max_tokens=1280", f"--out_dir={data / 'u'}", "--eval_every_steps=10", "--eval_tokens=512")
+    with open(data / "u" / "log.jsonl") as f:
+        r = [r for r in map(json.loads, f) if "val/loss" in r][-1]
+    assert r["unseen_authors/tokens"] == 512 and r["unseen_authors/loss"] != r["val/loss"]
+    bits_per_token = r["unseen_authors/loss"] / np.log(2)
+    assert r["unseen_authors/bpb"] == pytest.approx(bits_per_token / 2, rel=1e-12)  # 2 bytes per token
+    assert "eval step 10 unseen_authors: loss" in p.stdout
+    assert p.stdout.index("eval step 10 val:") < p.stdout.index("eval step 10 unseen_authors:")  # val first
+
+
+def test_logit_softcap_in_logits_and_loss():
+    """logit_softcap=c: logits are c * tanh(z / c), and the chunked loss and its gradients match that written
+    directly; c = 0 leaves them as they were."""
+    torch.manual_seed(0)
+    model = GPT(make_config("debug", vocab_size=64, logit_softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300)  # raw logits far beyond the cap
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    targets[0, 3] = -1  # ignored
+    loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    z = F.linear(model.hidden(idx), model.lm_head.weight).float()
+    assert z.abs().max() > 10
+    logits = model.logits(model.hidden(idx))
+    assert torch.allclose(logits, 2.0 * torch.tanh(z / 2.0)) and logits.abs().max() <= 2.0
+    reference = F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1), ignore_index=-1)
+    reference.backward()
+    assert torch.allclose(loss, reference, atol=1e-6)
+    assert all(torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4) for n, p in model.named_parameters())
+    model.cfg.logit_softcap = 0.0
+    assert torch.equal(model.logits(model.hidden(idx)), z)
+
+
+def test_quality_script_runs_variants_and_prints_the_table(data):
+    """dev/quality.sh's CPU smoke mode on a fake dataset with an unseen_authors split: two variants side by side,
+    then the table row of each, read from its log.jsonl."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = data / "fake" / "gutenberg"
+    make_dataset(fake)
+    meta = json.load(open(fake / "meta.json"))
+    os.link(fake / "val.bin", fake / "unseen.bin")
+    meta["splits"]["unseen_authors"] = {"files": ["unseen.bin"], "tokens": meta["splits"]["val"]["tokens"],
+                                        "bytes": 2 * meta["splits"]["val"]["tokens"]}  # val's tokens at 2 bytes each
+    json.dump(meta, open(fake / "meta.json", "w"))
+    env = {**os.environ, "CPU": "1", "DATA": str(data / "fake"), "Q_DIR": str(data / "q"),
+           "VARIANTS": "base:;muon:--optimizer=muon --max_tokens=640 --model_overrides={'n_layer':2,'dropout':0.1}"}
+    p = subprocess.run(["bash", os.path.join(root, "dev", "quality.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in p.stdout.splitlines()
+            if line.startswith("| base") or line.startswith("| muon")}
+    for name in ("base", "muon"):
+        last = [r for r in map(json.loads, open(data / "q" / name / "log.jsonl")) if "val/bpb" in r][-1]
+        unseen, val = float(rows[name][0]), float(rows[name][1])
+        assert unseen == pytest.approx(last["val/bpb"] / 2, abs=1e-4)
+        assert val == pytest.approx(last["val/bpb"], abs=1e-4)
+    assert json.load(open(data / "q" / "muon" / "config.json"))["optimizer"] == "muon"
+    assert open(data / "q" / "table_gutenberg.txt").read() in p.stdout
