@@ -51,7 +51,7 @@ def main(argv=None):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     lo, _, hi = a.digits.partition("-")
     examples = grpo.load_examples(a.task, a.data, a.n, a.seed, a.shuffle_options, "eval", (int(lo), int(hi or lo)))
-    model, tok, ckpt = grpo.load_model(a.ckpt, dev)
+    model, tok, ckpt = grpo.load_model_and_tokenizer(a.ckpt, dev)
     print(f"{a.ckpt} ({ckpt.get('kind', '?')}, step {ckpt.get('step', '?')}): {model.num_params():,} parameters, "
           f"tokenizer {ckpt['tokenizer']['tokenizer']}; {len(examples)} {a.task} examples from {a.data or 'generated/HF'}; "
           f"ATTENTION={M.ATTENTION} dtype={dtype} device={dev}")
