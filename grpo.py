@@ -727,14 +727,25 @@ if __name__ == "__main__":
                 data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
         return out
 
+    def guarded(fn, *args):
+        """fn(*args), where generate() refusing NaN / inf logits ends the run: no update can mend such weights."""
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            if "NaN" not in str(e):
+                raise
+            raise SystemExit(f"stopping after step {step}: the policy's logits are NaN or inf (an update broke its "
+                             f"weights: lr too high?); the last checkpoint written: {saved}")
+
     log = run_logger(out_dir, step if resume else None)
     stop = stop_signals()  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
     if step == 0:
         log({"step": 0, **run_eval(0)})
     t_start, start_step, bad_steps, failed_saves = time.time(), step, 0, 0
+    saved = f"{out_dir}/ckpt.pt (step {step})" if resume else "none written"
     while step < max_steps and not stop:
         lr_now = lr * min(1.0, (step + 1) / max(1, warmup_steps))
-        m, _ = grpo_step(policy, ref, optimizer, tok, next_prompts(), lr_now, autocast)
+        m, _ = guarded(grpo_step, policy, ref, optimizer, tok, next_prompts(), lr_now, autocast)
         step += 1
         if dev.type == "cuda":
             m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -745,21 +756,23 @@ if __name__ == "__main__":
                  f"kl {m['kl']:.4f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f} | masked {m['masked_frac']:.2f} | "
                  f"ent {m['entropy']:.2f} | gnorm {m['grad_norm']:.2f} | train {m['train_tok_s']:,.0f} tok/s | ")
               + f"rollout {m['rollout_tok_s']:,.0f} tok/s | {m['t_step']:.1f}s | ETA {eta / 60:.1f} min", flush=True)
-        bad_steps = bad_steps + 1 if m.get("skipped") else 0
-        if bad_steps:
+        bad_steps = bad_steps + 1 if m.get("skipped") else bad_steps if m.get("no_signal") else 0  # in a row: updates
+        if m.get("skipped"):
             print(f"step {step}: non-finite loss {m['loss']} / grad-norm {m['grad_norm']}: update skipped "
                   f"({bad_steps} in a row)", flush=True)
+        if not all(bool(torch.isfinite(p).all()) for p in policy.parameters()):  # never evaluated nor checkpointed
+            raise SystemExit(f"stopping at step {step}: an update made the weights NaN or inf (lr too high?); "
+                             f"the last checkpoint written: {saved}")
         if (eval_every and step % eval_every == 0) or step == max_steps:
-            m.update(run_eval(step))
+            m.update(guarded(run_eval, step))
         log({"step": step, **m})
-        if bad_steps >= max_bad_steps:  # the skipped updates left the weights as the last good update made them
-            finite = all(bool(torch.isfinite(p).all()) for p in policy.parameters())
-            kept = "the last good weights are in" if finite and save(step) else "the last checkpoint written is"
-            raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; {kept} {out_dir}/ckpt.pt")
-        if step % save_every == 0 or step == max_steps or stop:
-            failed_saves = 0 if save(step) else failed_saves + 1
-            if failed_saves >= max_failed_saves:
-                raise SystemExit(f"stopping: {failed_saves} checkpoint writes in a row failed; the last one written "
-                                 f"(if any) is {out_dir}/ckpt.pt")
+        if step % save_every == 0 or step == max_steps or stop or bad_steps >= max_bad_steps:
+            ok = save(step)
+            saved, failed_saves = (f"{out_dir}/ckpt.pt (step {step})", 0) if ok else (saved, failed_saves + 1)
+        if bad_steps >= max_bad_steps:  # skipped updates left the weights as the last good update made them
+            raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last checkpoint written: {saved}")
+        if failed_saves >= max_failed_saves:
+            raise SystemExit(f"stopping: {failed_saves} checkpoint writes in a row failed; the last checkpoint "
+                             f"written: {saved}")
     if stop:
         print(f"stopped by signal after step {step}; resume with --init_from=resume")

@@ -4,15 +4,17 @@ forward, score() against its per-sample form, learning a trivial reward, resume.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import grpo
 import tasks
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import GPT, make_config, packed_mask
 from tokenizer import load_tokenizer
 
@@ -468,12 +470,71 @@ def test_tiny_random_policy_learns_to_always_answer_C(use):
 
 
 # ---- the script: debug run, eval_only, exact resume -----------------------------------------------------------------
-def run_grpo(*args, cwd):
+def run_grpo(*args, cwd, ok=True):
+    """grpo.py config/grpo_debug.py *args -> stdout; ok=False: it must fail -> (stdout, its last stderr line)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"), *args],
-                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
+                        *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout if ok else (r.stdout, r.stderr.strip().splitlines()[-1])
+
+
+SMALL = ["--eval_n=8", "--eval_every=0", "--prompts_per_step=4", "--samples_per_prompt=4", "--max_steps=20"]
+
+
+def finite_checkpoint(path):
+    ckpt = load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    return ckpt
+
+
+def test_absurd_lr_stops_in_one_line_leaving_a_finite_checkpoint(tmp_path):
+    """lr 1e30 breaks the weights in one update (finite, but their logits are not): the next generate() refuses them;
+    the run stops with one line naming the last checkpoint, which holds finite weights."""
+    out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--lr=1e30", "--grad_clip=0", "--warmup_steps=1",
+                         "--save_every=1", cwd=tmp_path, ok=False)
+    m = re.fullmatch(r"stopping after step (\d+): the policy's logits are NaN or inf \(an update broke its weights: "
+                     r"lr too high\?\); the last checkpoint written: (.*) \(step (\d+)\)", last)
+    assert m and m[2] == f"{tmp_path}/ckpt.pt", last
+    assert finite_checkpoint(m[2])["step"] == int(m[3]) <= int(m[1])
+
+
+def test_non_finite_steps_are_counted_logged_and_stop_the_run(tmp_path):
+    """kl_coef 1e39 is inf in float32: inf x a KL of 0 makes every loss NaN. Each such update is skipped, said on
+    stdout and in log.jsonl, and max_bad_steps of them in a row stop the run with the weights the last good update
+    left, checkpointed."""
+    out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--kl_coef=1e39", "--max_bad_steps=3", cwd=tmp_path, ok=False)
+    assert out.count("update skipped") == 3 and "update skipped (3 in a row)" in out
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    skipped = [r["step"] for r in recs if r.get("skipped")]
+    assert len(skipped) == 3 and math.isnan(recs[-1]["loss"])
+    assert last == f"stopping: 3 non-finite steps in a row; the last checkpoint written: {tmp_path}/ckpt.pt (step {skipped[-1]})"
+    assert finite_checkpoint(tmp_path / "ckpt.pt")["step"] == skipped[-1] == recs[-1]["step"]
+
+
+def test_failed_checkpoint_writes_stop_the_run(tmp_path):
+    (tmp_path / "ckpt.pt").mkdir()  # a directory where the checkpoint goes: every write fails
+    out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--save_every=1", cwd=tmp_path, ok=False)
+    assert out.count("WARNING: could not write") == 3
+    assert last == "stopping: 3 checkpoint writes in a row failed; the last checkpoint written: none written"
+
+
+def test_user_errors_name_the_real_problem(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _, last = run_grpo("--task=medqa", f"--train_data={empty}", cwd=tmp_path, ok=False)
+    assert last == f"no training prompts in {empty}"
+    _, last = run_grpo("--eval_task=medqa", f"--eval_data={empty}", cwd=tmp_path, ok=False)
+    assert last == f"no evaluation examples in {empty}"
+    torch.manual_seed(0)
+    meta = grpo.char_meta(["Q: 1+2=\nA: 3"])
+    pretrained = {"model_config": asdict(make_config("debug", vocab_size=meta["vocab_size"])), "kind": "pretrain",
+                  "model": GPT(make_config("debug", vocab_size=meta["vocab_size"])).state_dict(), "tokenizer": meta}
+    assert save_checkpoint(str(tmp_path / "ckpt.pt"), pretrained)
+    _, last = run_grpo("--init_from=resume", f"--out_dir={tmp_path}", cwd=tmp_path, ok=False)
+    path = tmp_path / "ckpt.pt"
+    assert last == (f"--init_from=resume needs a grpo.py checkpoint in out_dir; {path} is a train.py checkpoint "
+                    f"(kind 'pretrain'): start with --init_from={path}")
 
 
 def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
