@@ -119,24 +119,21 @@ show_samples = 2  # completions printed at each evaluation
 
 # ---- log-probs of completions ---------------------------------------------------------------------
 def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, share=0):
-    """Samples (prompt, completion) -> a batch for completion_logprobs, a dict:
-    seqs (R, T) right-padded rows; clen (S,) completion lengths; src and tgt (N,) indexes into seqs.view(-1) of the
-    position whose output predicts each completion token and of that token (N = sum clen, sample by sample);
-    layout: None (causal rows) or (segments (R, T), positions (R, T)) for GPT.hidden (model.packed_mask).
-    share=0: row s = prompt s + completion s, from position 0 like generate()'s row s (which left-pads), so RoPE
-    positions agree; T is the longest row rounded up to `multiple`, within max_len (fewer shapes for torch.compile;
-    causal attention makes right padding change no log-prob).
-    share=n: samples with equal prompts share rows of about n tokens (a group longer than that splits into rows of
-    equal sample counts): the prompt once, then completion after completion, each at the positions right after the
-    prompt and seeing only the prompt and itself. GRPO's G samples of a prompt then cost its prompt tokens once, not G
-    times."""
+    """Samples (prompt, completion) -> a batch for completion_logprobs: seqs (R, T) right-padded rows; clen (S,)
+    completion lengths; src, tgt (N,) indexes into seqs.view(-1) of the position predicting each completion token and
+    of that token (sample by sample); layout None (causal rows) or (segments, positions) (R, T) for GPT.hidden.
+    share=0: row s = prompt s + completion s from position 0, so RoPE positions agree with generate(); T is the
+    longest row rounded up to `multiple` (fewer shapes to compile), within max_len.
+    share=n: samples with equal prompts share rows of about n tokens: the prompt once, then each completion at the
+    positions right after it, seeing only the prompt and itself: G samples cost the prompt's tokens once."""
     groups = {}  # prompt (without sharing: the sample) -> its samples' indexes
     for s, p in enumerate(prompts):
         groups.setdefault(tuple(p) if share else s, []).append(s)
     rows = []  # (prompt, samples in the row): a group over `share` tokens splits into rows of equal sample counts
     for ss in groups.values():
         P = len(prompts[ss[0]])
-        k = 1 if not share else min(len(ss), max(1, math.ceil(sum(len(completions[i]) for i in ss) / max(share - P, 1))))
+        n = sum(len(completions[i]) for i in ss)
+        k = 1 if not share else min(len(ss), max(1, math.ceil(n / max(share - P, 1))))
         rows += [(prompts[ss[0]], ss[j * len(ss) // k:(j + 1) * len(ss) // k]) for j in range(k)]
     T = max(len(p) + sum(len(completions[i]) for i in r) for p, r in rows)
     T = max(T, min(-(-T // multiple) * multiple, max_len or math.inf))
@@ -155,7 +152,7 @@ def pack_rows(prompts, completions, device, pad_id=0, multiple=1, max_len=None, 
         seqs.append(ids + [pad_id] * (T - len(ids)))
         seg.append(sg + [-1] * (T - len(sg)))
         pos.append(ps + [0] * (T - len(ps)))
-    seqs, seg, pos = (torch.from_numpy(np.array(x, dtype=np.int64)) for x in (seqs, seg, pos))  # numpy: faster than torch.tensor on lists
+    seqs, seg, pos = (torch.from_numpy(np.array(x, dtype=np.int64)) for x in (seqs, seg, pos))  # faster than torch
     src, tgt = (torch.from_numpy(np.fromiter((j for x in xs for j in x), dtype=np.int64)) for xs in (src, tgt))
     layout = (seg.to(device), pos.to(device)) if any(len(r) > 1 for _, r in rows) else None
     return {"seqs": seqs.to(device), "layout": layout, "src": src.to(device), "tgt": tgt.to(device),
@@ -252,7 +249,7 @@ def training_truncation():
 
 def fuses_old_logprobs(policy):
     """Old log-probs = the update forward's own, detached: right when the old policy is the current one (one update),
-    train and eval forwards agree (no dropout) and the reference needs no kept sets from an old forward (untruncated)."""
+    train and eval forwards agree (no dropout) and the reference needs no kept sets of an old forward (untruncated)."""
     return (fuse_old_logprobs and updates_per_batch == 1 and policy.cfg.dropout == 0
             and training_truncation() == (0, 1.0))
 
@@ -280,7 +277,7 @@ def grpo_token_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, kl_c
     ratio = torch.exp(logp - old_logp)
     A = adv[:, None]
     surrogate = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
-    # V3.2 off-policy sequence masking: a negative-advantage sequence the policy has moved away from is not pushed further
+    # V3.2 off-policy masking: a negative-advantage sequence the policy has moved away from is not pushed further
     drift = ((old_logp - logp.detach()) * m).sum(1) / m.sum(1).clamp(min=1)  # mean log(pi_old / pi_theta)
     seq_keep = ~((adv < 0) & (drift > delta))
     loss = -surrogate * seq_keep[:, None].float()
@@ -353,7 +350,7 @@ def score(tok, examples, tokens, lengths, reward_fn=grade):
         ids = row[:n]
         key = (i // G, tuple(ids))
         if key not in scored:
-            finished = ids[-1] == tok.eos_id  # the row's own last sampled token (lengths say where it ends, not padding)
+            finished = ids[-1] == tok.eos_id  # the row's own last sampled token (lengths say where it ends)
             body = ids[:-1] if finished else ids
             text = decode(tok, body)  # decode drops EOS: also the text of ids
             if cut_at_stop_strings and any(st in text for st in tasks.STOP_STRINGS):  # search only where one is
@@ -456,7 +453,7 @@ def grpo_step(policy, ref, optimizer, tok, examples, lr_now, autocast=nullcontex
         optimizer.zero_grad(set_to_none=True)
         st = backward_on_batch(policy, mbs, n_tokens, autocast)
         totals = {k: totals.get(k, 0.0) + v for k, v in st.items()}
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip if grad_clip > 0 else math.inf))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip or math.inf))
         if not (math.isfinite(st["loss"]) and math.isfinite(grad_norm)):  # applied, it would poison the weights
             m["skipped"] = 1
             break
@@ -477,7 +474,8 @@ def grpo_step(policy, ref, optimizer, tok, examples, lr_now, autocast=nullcontex
 def load_examples(name, path, n=0, seed=0, shuffle=False, split="train", digits=(1, 4)):
     """tasks.load_task with this file's conventions: path "" = generated (addition) or the HF hub; n 0 = all."""
     if path and not os.path.isfile(path):
-        raise SystemExit(f"no data file {path} for task {name}; point train_data / eval_data (or --data) at a jsonl of that schema")
+        raise SystemExit(f"no data file {path} for task {name}; point train_data / eval_data (or --data) at a jsonl "
+                         "of that schema")
     if name == "addition" and not path:  # generated; train and eval splits are disjoint by construction
         return tasks.load_task("addition", None, n=n or (1000 if split == "eval" else 100_000), seed=seed, split=split,
                                digits=tuple(digits))
@@ -551,8 +549,9 @@ def evaluate(model, tok, examples, mode="both", max_new_tokens=32, batch_size=64
 
 
 def format_eval(results):
-    return " | ".join(f"{m}: acc {r['acc']:.4f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}] n={r['n']} unparsable {r['unparsable']:.3f}"
-                      + (f" predicted {r['predicted']}" if "predicted" in r else "") for m, r in results.items())
+    return " | ".join(f"{m}: acc {r['acc']:.4f} [{r['ci_lo']:.3f}, {r['ci_hi']:.3f}] n={r['n']} unparsable "
+                      f"{r['unparsable']:.3f}" + (f" predicted {r['predicted']}" if "predicted" in r else "")
+                      for m, r in results.items())
 
 
 # ---- model loading and the reward curve -------------------------------------------------------------------------
@@ -587,14 +586,12 @@ def plot_curve(out_dir):
         return
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    steps = [r["step"] for r in records if "reward_mean" in r]
-    reward = [r["reward_mean"] for r in records if "reward_mean" in r]
+    trained = [r for r in records if "reward_mean" in r]
+    steps, reward = [r["step"] for r in trained], [r["reward_mean"] for r in trained]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if steps:
-        ax.plot(steps, reward, color="tab:blue", alpha=0.35, label="train reward (per step)")
-        w = 10
-        smooth = [float(np.mean(reward[max(0, i - w + 1):i + 1])) for i in range(len(reward))]
-        ax.plot(steps, smooth, color="tab:blue", label=f"train reward ({w}-step mean)")
+    ax.plot(steps, reward, color="tab:blue", alpha=0.35, label="train reward (per step)")
+    smooth = [float(np.mean(reward[max(0, i - 9):i + 1])) for i in range(len(reward))]
+    ax.plot(steps, smooth, color="tab:blue", label="train reward (10-step mean)")
     for key, color in (("eval_generate_acc", "tab:red"), ("eval_loglik_acc", "tab:green")):
         ev = [r for r in records if key in r]
         if ev:
@@ -602,9 +599,7 @@ def plot_curve(out_dir):
             ax.errorbar([r["step"] for r in ev], [r[key] for r in ev],
                         yerr=[[r[key] - r[lo] for r in ev], [r[hi] - r[key] for r in ev]],
                         color=color, marker="o", capsize=3, label=key.replace("_acc", "") + " acc (95% CI)")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward / accuracy")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set(xlabel="GRPO step", ylabel="reward / accuracy", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -620,13 +615,14 @@ if __name__ == "__main__":
     if not temperature > 0:
         raise SystemExit("temperature must be > 0: GRPO needs sampled groups, and log-probs are taken at it")
     if updates_per_batch < 1 or micro_batch < 1 or prompts_per_step < 1 or samples_per_prompt < 2:
-        raise SystemExit("need updates_per_batch >= 1, micro_batch >= 1, prompts_per_step >= 1, samples_per_prompt >= 2")
+        raise SystemExit("need updates_per_batch >= 1, micro_batch >= 1, prompts_per_step >= 1, "
+                         "samples_per_prompt >= 2")
 
     # ---- data (checked before any GPU work) ----
     for name in (task, eval_task):
         if name not in tasks.TASKS:
             raise SystemExit(f"unknown task {name!r}; one of {tasks.TASKS}")
-    eval_examples = load_examples(eval_task, eval_data, eval_n, eval_seed, False, "eval", addition_digits)  # as published
+    eval_examples = load_examples(eval_task, eval_data, eval_n, eval_seed, False, "eval", addition_digits)
     if not eval_examples:
         raise SystemExit(f"no evaluation examples in {eval_data or eval_task}")
     train_examples = [] if eval_only else load_examples(task, train_data, train_n, seed, shuffle_options, "train",
@@ -648,7 +644,7 @@ if __name__ == "__main__":
         raise SystemExit(f"--init_from=resume needs a grpo.py checkpoint in out_dir; {start} is {what} "
                          f"(kind {ckpt.get('kind')!r}): start with --init_from={start}")
     policy.cfg.checkpoint_activations = checkpoint_activations
-    ref_path = (ckpt.get("ref_from") or "") if resume else "" if init_from == "scratch" else (ref_from or init_from)
+    ref_path = (ckpt.get("ref_from") or "") if resume else ref_from or ("" if init_from == "scratch" else init_from)
     ref = None
     if kl_coef > 0:
         if resume and ckpt.get("ref_model") is not None:  # a scratch run's reference lives in its checkpoint
@@ -678,12 +674,12 @@ if __name__ == "__main__":
           f"LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} dtype={dtype} device={dev} checkpoint_activations="
           f"{checkpoint_activations} compile={compile} fuse_old_logprobs={fuses_old_logprobs(policy)}")
     print(f"model: {policy.num_params():,} parameters, {asdict(policy.cfg)}; tokenizer {tokenizer_meta['tokenizer']} "
-          f"({tok.vocab_size} ids); reference: {'none (kl_coef=0)' if ref is None else ref_path or 'the starting weights'}")
+          f"({tok.vocab_size} ids); reference: {'none' if ref is None else ref_path or 'the starting weights'}")
     print(f"sampling: temperature {temperature}, top_k {top_k or 'off'}, top_p {top_p if top_p < 1 else 'off'}; "
-          + ("untruncated: training log-probs over the full softmax" if training_truncation() == (0, 1.0) and
-             keep_sampling_mask else "truncated: training log-probs over the kept set of sampling (Keep Sampling Mask)"
-             if keep_sampling_mask else "training log-probs over the full softmax (keep_sampling_mask=False)"))
-    print(f"data: {len(train_examples):,} training prompts ({task}; {n_before - len(train_examples)} too long dropped), "
+          + ("untruncated: training log-probs over the full softmax" if not (top_k or top_p < 1) else
+             "truncated: training log-probs over the kept set of sampling (Keep Sampling Mask)" if keep_sampling_mask
+             else "truncated, but training log-probs over the full softmax (keep_sampling_mask=False: a known bias)"))
+    print(f"data: {len(train_examples):,} training prompts ({task}; {n_before - len(train_examples)} too long), "
           f"{len(eval_examples)} eval examples ({eval_task})")
 
     def run_eval(at_step):
@@ -692,8 +688,10 @@ if __name__ == "__main__":
         print(f"eval step {at_step} ({eval_task}, {time.time() - t:.0f}s): {format_eval(res)}")
         for e in eval_examples[:show_samples]:
             with autocast:
-                out, n = policy.generate([tok.encode(e["prompt"])[-limit:]], eval_max_new_tokens, 0.0, eos_id=tok.eos_id)
-            print(f"  sample: ...{e['prompt'][-60:]!r} -> {decode(tok, out[0, :n[0]].tolist())!r}  [answer {e['answer']}]")
+                out, n = policy.generate([tok.encode(e["prompt"])[-limit:]], eval_max_new_tokens, 0.0,
+                                         eos_id=tok.eos_id)
+            print(f"  sample: ...{e['prompt'][-60:]!r} -> {decode(tok, out[0, :n[0]].tolist())!r}  "
+                  f"[answer {e['answer']}]")
         return {f"eval_{m}_{k}": v for m, r in res.items() for k, v in r.items() if not isinstance(v, dict)}
 
     if eval_only:
@@ -760,13 +758,13 @@ if __name__ == "__main__":
         if m.get("skipped"):
             print(f"step {step}: non-finite loss {m['loss']} / grad-norm {m['grad_norm']}: update skipped "
                   f"({bad_steps} in a row)", flush=True)
-        if not all(bool(torch.isfinite(p).all()) for p in policy.parameters()):  # never evaluated nor checkpointed
-            raise SystemExit(f"stopping at step {step}: an update made the weights NaN or inf (lr too high?); "
-                             f"the last checkpoint written: {saved}")
         if (eval_every and step % eval_every == 0) or step == max_steps:
             m.update(guarded(run_eval, step))
         log({"step": step, **m})
         if step % save_every == 0 or step == max_steps or stop or bad_steps >= max_bad_steps:
+            if not all(bool(torch.isfinite(p).all()) for p in policy.parameters()):  # never checkpoint NaN / inf
+                raise SystemExit(f"stopping at step {step}: an update made the weights NaN or inf (lr too high?); "
+                                 f"the last checkpoint written: {saved}")
             ok = save(step)
             saved, failed_saves = (f"{out_dir}/ckpt.pt (step {step})", 0) if ok else (saved, failed_saves + 1)
         if bad_steps >= max_bad_steps:  # skipped updates left the weights as the last good update made them
