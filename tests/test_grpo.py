@@ -1,6 +1,7 @@
 """grpo.py on the CPU: the loss against hand-computed numbers, the KL gradient, ratio == 1 on the first update,
 micro-batch accumulation, position-based masks, Keep Sampling Mask, fused old log-probs, right padding, the compiled
-forward, score() against its per-sample form, learning a trivial reward, resume."""
+forward, score() against its per-sample form, learning a trivial reward, resume; the run's stops: non-finite steps,
+broken weights, failed checkpoint writes, and user errors named as what they are."""
 import json
 import math
 import os
@@ -108,7 +109,7 @@ def test_token_loss_equals_hand_reference_with_clipping_and_masking():
 
 
 def test_unbiased_kl_gradient():
-    """d/dtheta of r * (q/p - log(q/p) - 1) equals (pi/pi_old) * log(pi/pi_ref) * d log pi (V3.2), ratio not detached."""
+    """d/dtheta of r * (q/p - log(q/p) - 1) = (pi/pi_old) * log(pi/pi_ref) * d log pi (V3.2), ratio not detached."""
     torch.manual_seed(0)
     theta = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (6,))
@@ -131,7 +132,8 @@ def test_completion_logprobs_follow_positions_not_token_values():
     m = tiny_model()
     prompts = [[5, 6, 7, 8, 9], [3], [0, 0, 2]]
     comps = [[0, 0, 1], [4, 0, 0, 0, 7], [0]]  # zeros everywhere: the pad value and (say) EOS are ordinary tokens
-    logp, mask = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU, pad_id=0), temperature=0.7, chunk_rows=3)
+    batch = grpo.pack_rows(prompts, comps, CPU, pad_id=0)
+    logp, mask = grpo.completion_logprobs(m, batch, temperature=0.7, chunk_rows=3)
     assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
     for b, (p, c) in enumerate(zip(prompts, comps)):  # each row alone, unpadded
         lp = torch.log_softmax(m(torch.tensor([p + c]))[0] / 0.7, -1)
@@ -146,7 +148,8 @@ def test_greedy_rollout_tokens_are_the_trainers_argmax():
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14]]
     out, lens = m.generate(prompts, 6, temperature=0)
     comps = [out[b, :lens[b]].tolist() for b in range(3)]
-    logp, mask, ent, kept = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU), temperature=1.0, top_k=1, extras=True)
+    batch = grpo.pack_rows(prompts, comps, CPU)
+    logp, mask, ent, kept = grpo.completion_logprobs(m, batch, temperature=1.0, top_k=1, extras=True)
     assert torch.equal(logp[mask], torch.zeros(int(mask.sum())))  # top-1 kept set = the greedy token, prob 1
     assert torch.equal(ent[mask], torch.zeros(int(mask.sum())))
     assert (grpo.unpack_bits(kept, 40).sum(1) == 1).all()
@@ -365,7 +368,8 @@ def score_reference(tok, examples, tokens, lengths, G, cut, reward_fn):
         return tok.decode([t for t in ids if t < tok.vocab_size and t != tok.eos_id])
 
     def stop_len(ids):  # the shortest prefix holding a stop string, by a linear scan (score() bisects)
-        return next((k for k in range(1, len(ids) + 1) if any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS)), len(ids))
+        stops = (k for k in range(1, len(ids) + 1) if any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS))
+        return next(stops, len(ids))
     s = {k: [] for k in ("completion", "text", "reward", "parsable", "finished", "raw_len")}
     for i in range(len(tokens)):
         n = int(lengths[i])
@@ -385,7 +389,8 @@ def score_reference(tok, examples, tokens, lengths, G, cut, reward_fn):
 
 
 SCORE_TEXTS = [" B", " The answer is C.\nQuestion: A 30-year-old man", " D", "\nQ: why", "\nQuestion:",
-               " B B B B B B B B B B B B B B", " A", " C", " 48/2 = 24 clips. 48+24 = 72\n#### 72", " #### 71\nQuestion: what",
+               " B B B B B B B B B B B B B B", " A", " C", " 48/2 = 24 clips. 48+24 = 72\n#### 72",
+               " #### 71\nQuestion: what",
                " 72<|endoftext|> and more", " 72", " The answer is 72.\nQ:", "Answer: (b) beta blocker, because"]
 GPT2_FILE = os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2.tiktoken")
 
@@ -406,10 +411,10 @@ def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch, use):
     opts = {"A": "aspirin", "B": "beta blocker", "C": "calcium", "D": "digoxin"}
     examples = [{"task": "medqa", "answer": "B", "options": opts}, {"task": "gsm8k", "answer": "72"},
                 {"task": "medqa", "answer": "C", "options": opts}, {"task": "gsm8k", "answer": "71"}]
-    mcq = [e(0) + [eos], e(0) + [eos], e(1), [eos], e(2) + [V + 5] + e(3) + [eos], e(4), e(5), e(6) + [eos] + e(7) + [eos],
-           e(13) + [eos], [V + 1] + e(0) + e(1)]
-    gsm = [e(8) + [eos], e(8) + [eos], e(9), e(10), [V + 1, V + 2] + e(11), e(12) + [eos], [eos], e(11) + [eos], e(9) + [eos],
-           e(12)]
+    mcq = [e(0) + [eos], e(0) + [eos], e(1), [eos], e(2) + [V + 5] + e(3) + [eos], e(4), e(5),
+           e(6) + [eos] + e(7) + [eos], e(13) + [eos], [V + 1] + e(0) + e(1)]
+    gsm = [e(8) + [eos], e(8) + [eos], e(9), e(10), [V + 1, V + 2] + e(11), e(12) + [eos], [eos], e(11) + [eos],
+           e(9) + [eos], e(12)]
     g = torch.Generator().manual_seed(0)
     noise = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 7, 12)]
     groups = [mcq + noise, gsm + noise, mcq + noise, gsm + noise]  # groups 3 and 4: the same rows, other answers
@@ -508,7 +513,8 @@ def test_non_finite_steps_are_counted_logged_and_stop_the_run(tmp_path):
     recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     skipped = [r["step"] for r in recs if r.get("skipped")]
     assert len(skipped) == 3 and math.isnan(recs[-1]["loss"])
-    assert last == f"stopping: 3 non-finite steps in a row; the last checkpoint written: {tmp_path}/ckpt.pt (step {skipped[-1]})"
+    assert last == (f"stopping: 3 non-finite steps in a row; the last checkpoint written: {tmp_path}/ckpt.pt "
+                    f"(step {skipped[-1]})")
     assert finite_checkpoint(tmp_path / "ckpt.pt")["step"] == skipped[-1] == recs[-1]["step"]
 
 
@@ -543,7 +549,8 @@ def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     run_grpo(*common, f"--out_dir={straight}", "--max_steps=3", "--save_every=10", cwd=tmp_path)
     run_grpo(*common, f"--out_dir={split}", "--max_steps=2", "--save_every=10", cwd=tmp_path)
-    out = run_grpo(*common, f"--out_dir={split}", "--max_steps=3", "--save_every=10", "--init_from=resume", cwd=tmp_path)
+    out = run_grpo(*common, f"--out_dir={split}", "--max_steps=3", "--save_every=10", "--init_from=resume",
+                   cwd=tmp_path)
     assert "step 3/3" in out and "step 1/3" not in out
     a, b = load_checkpoint(os.path.join(straight, "ckpt.pt")), load_checkpoint(os.path.join(split, "ckpt.pt"))
     assert a["kind"] == b["kind"] == "grpo" and a["step"] == b["step"] == 3 and a["data_state"] == b["data_state"]
@@ -552,8 +559,8 @@ def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
     load_model(b)  # the same format train.py writes: loadable by sample.py / eval.py as is
     recs = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
     trained = [r for r in recs if "loss" in r]
-    for key in ("reward_mean", "reward_std", "accuracy", "frac_zero_std", "len_mean", "len_max", "truncated", "clip_low",
-                "clip_high", "kl", "masked_frac", "entropy", "rollout_tok_s", "train_tok_s", "grad_norm"):
+    for key in ("reward_mean", "reward_std", "accuracy", "frac_zero_std", "len_mean", "len_max", "truncated",
+                "clip_low", "clip_high", "kl", "masked_frac", "entropy", "rollout_tok_s", "train_tok_s", "grad_norm"):
         assert key in trained[0], key
     assert "eval_generate_acc" in recs[0] and "eval_generate_acc" in recs[-1]
     assert os.path.getsize(os.path.join(straight, "reward_curve.png")) > 1000
@@ -563,13 +570,10 @@ def test_eval_only_and_config_errors(tmp_path):
     out = run_grpo("--eval_only=True", "--eval_n=10", f"--out_dir={tmp_path}", cwd=tmp_path)
     res = json.load(open(os.path.join(tmp_path, "eval.json")))
     assert res["eval_generate_n"] == 10 and 0 <= res["eval_generate_acc"] <= 1 and "eval step 0" in out
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
-                          "--task=medqa", "--train_data=/nonexistent.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "no data file /nonexistent.jsonl" in bad.stderr + bad.stdout
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
-                          "--temperture=1.0"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown key 'temperture'" in bad.stderr + bad.stdout
+    _, last = run_grpo("--task=medqa", "--train_data=/nonexistent.jsonl", cwd=tmp_path, ok=False)
+    assert "no data file /nonexistent.jsonl" in last
+    _, last = run_grpo("--temperture=1.0", cwd=tmp_path, ok=False)
+    assert "unknown key 'temperture'" in last
 
 
 def test_shared_prompt_rows_equal_a_row_per_sample(use):
@@ -586,7 +590,8 @@ def test_shared_prompt_rows_equal_a_row_per_sample(use):
         for a, b in zip(out[0][2], out[v][2]):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     m = tiny_model()
-    prompts, comps = [[1, 2, 3], [4], [1, 2, 3], [4], [1, 2, 3]], [[5, 6], [7, 8, 9], [10], [11, 12, 13, 14], [15, 16, 17]]
+    prompts = [[1, 2, 3], [4], [1, 2, 3], [4], [1, 2, 3]]
+    comps = [[5, 6], [7, 8, 9], [10], [11, 12, 13, 14], [15, 16, 17]]
     lp0, mask0, ent0, _ = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU), 0.9, extras=True)
     shared = grpo.pack_rows(prompts, comps, CPU, share=64)
     assert len(shared["seqs"]) == 2
