@@ -92,7 +92,7 @@ def main(argv=None):
     examples = grpo.load_examples(a.task, a.data, a.n, a.seed, a.shuffle_options, "eval", (int(lo), int(hi or lo)))
     if not examples:  # an accuracy over nothing would print 0.0000 and exit 0
         raise SystemExit(f"no {a.task} examples in {a.data or 'the generated/HF split'}")
-    model, tok, ckpt = grpo.load_model(a.ckpt, dev)
+    model, tok, ckpt = grpo.load_model_and_tokenizer(a.ckpt, dev)
     print(f"{a.ckpt} ({ckpt.get('kind', '?')}, step {ckpt.get('step', '?')}): {model.num_params():,} parameters, "
           f"tokenizer {ckpt['tokenizer']['tokenizer']}; {len(examples)} {a.task} examples from "
           f"{a.data or 'generated/HF'}; ATTENTION={A.ATTENTION} dtype={dtype} device={dev}")

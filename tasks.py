@@ -1,12 +1,13 @@
 """Verifiable tasks: prompt formatting, answer extraction and rewards (MedQA/MedMCQA/PubMedQA, GSM8K, synthetic).
 
-Every loader returns plain dicts {"task", "id", "prompt", "answer", ...}; reward(task, completion, example) is 1.0/0.0.
+Every loader returns plain dicts {"task", "id", "prompt", "answer", ...};
+grade(task, completion, example) -> (reward 1.0/0.0, parsable).
 Plain functions on plain dicts, because grpo.py, eval and prepare_data.py all just need prompt/answer pairs.
 
-    python tasks.py show medqa ../shared/data/medqa/dev.jsonl [-n 2] [--shuffle]
-    python tasks.py synth --task addition --n 200000 --out data/addition.jsonl                  # {"text"} pretraining rows
+    python tasks.py show medqa data/medqa/dev.jsonl [-n 2] [--shuffle]
+    python tasks.py synth --task addition --n 200000 --out data/addition.jsonl     # {"text"} pretraining rows
     python tasks.py synth --task addition --n 1000 --seed 1 --split eval --format prompt --out data/addition_eval.jsonl
-    python tasks.py synth --task gsm8k --path ../shared/data/gsm8k/train.jsonl --out data/gsm8k.jsonl  # real tasks too
+    python tasks.py synth --task gsm8k --path data/gsm8k/train.jsonl --out data/gsm8k.jsonl  # real tasks too
 """
 import argparse
 import json
@@ -317,14 +318,6 @@ def grade_answer(task, pred, example):
     return float(numbers_equal(pred, example["answer"])), True
 
 
-def is_parsable(task, completion, example):
-    return grade(task, completion, example)[1]
-
-
-def reward(task, completion, example):
-    return grade(task, completion, example)[0]
-
-
 def has_runaway_repetition(seq, **rule):
     """True for degenerate loops: a unit of <= max_period tokens repeated back-to-back >= min_repeats times over
     >= min_span tokens ('B B B ...', 'The answer is B. The answer is B. ...'), or a long n-gram (ngram tokens)
@@ -374,7 +367,8 @@ def runaway_repetition_rows(rows, max_period=32, min_repeats=3, min_span=12, ngr
         h = np.where(np.arange(W) <= (n - ngram)[:, None], h, past_end)
         s = np.sort(h, axis=1)
         c = max(max_ngram_count - 1, 0)
-        maybe = ~out & (s[:, c:] == s[:, :W - c]).any(1) if c < W else np.zeros_like(out)  # a hash max_ngram_count times
+        # rows where some hash occurs max_ngram_count times
+        maybe = ~out & (s[:, c:] == s[:, :W - c]).any(1) if c < W else np.zeros_like(out)
         for r in np.flatnonzero(maybe):  # count those rows' windows exactly: a hash collision flags nothing
             ids = list(rows[r])
             windows = Counter(tuple(ids[j:j + ngram]) for j in range(len(ids) - ngram + 1))

@@ -1,18 +1,21 @@
 """grpo.py on the CPU: the loss against hand-computed numbers, the KL gradient, ratio == 1 on the first update,
 micro-batch accumulation, position-based masks, Keep Sampling Mask, fused old log-probs, right padding, the compiled
-forward, score() against its per-sample form, learning a trivial reward, resume."""
+forward, score() against its per-sample form, learning a trivial reward, resume; the run's stops: non-finite steps,
+broken weights, failed checkpoint writes, and user errors named as what they are."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import grpo
 import tasks
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import GPT, make_config, packed_mask
 from tokenizer import load_tokenizer
 
@@ -20,10 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
-def cfg(**kw):
-    c = dict(grpo._DEFAULTS)
-    c.update(kw)
-    return c
+@pytest.fixture
+def use(monkeypatch):
+    """use(key=value, ...): grpo.py settings for this test, as module globals (what the script's config sets)."""
+    def set_(**kw):
+        for k, v in kw.items():
+            assert hasattr(grpo, k), k
+            monkeypatch.setattr(grpo, k, v)
+    return set_
 
 
 def tiny_model(vocab=40, seed=0, **kw):
@@ -49,7 +56,7 @@ def test_group_advantages_by_hand():
 
 
 # ---- the per-token loss -----------------------------------------------------------------------------------------
-def reference_loss(logp, old, ref, adv, lens, eps_low, eps_high, beta, delta):
+def reference_loss(logp, old, ref, adv, lens, eps_low, eps_high, kl_coef, delta):
     """The objective written out token by token with Python floats."""
     out = [[0.0] * len(row) for row in logp]
     masked = []
@@ -64,7 +71,7 @@ def reference_loss(logp, old, ref, adv, lens, eps_low, eps_high, beta, delta):
             pol = 0.0 if mask_seq else -min(r * adv[i], clipped * adv[i])
             q_over_p = math.exp(ref[i][t] - row[t])
             kl = r * (q_over_p - math.log(q_over_p) - 1)
-            out[i][t] = pol + beta * kl
+            out[i][t] = pol + kl_coef * kl
     return out, masked
 
 
@@ -80,7 +87,7 @@ def test_token_loss_equals_hand_reference_with_clipping_and_masking():
     old = [[-1.0 - 0.1 * t - 0.2 * i for t in range(4)] for i in range(5)]
     logp = [[old[i][t] + log_r[i][t] for t in range(4)] for i in range(5)]
     ref = [[old[i][t] + 0.3 * ((-1) ** t) for t in range(4)] for i in range(5)]
-    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.05, delta=0.25)
+    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=0.05, delta=0.25)
     want, masked = reference_loss(logp, old, ref, adv, lens, **kw)
     assert masked == [False, False, False, True, False]
     mask = torch.arange(4)[None] < torch.tensor(lens)[:, None]
@@ -94,7 +101,7 @@ def test_token_loss_equals_hand_reference_with_clipping_and_masking():
     assert st["masked_seqs"].item() == 1 and st["tokens"].item() == sum(lens)
     # a sequence masked by the off-policy rule sends no policy gradient, but its KL gradient remains
     x = T(logp).requires_grad_()
-    loss, _ = grpo.grpo_token_loss(x, T(old), T(ref), T(adv), mask, **{**kw, "beta": 0.0})
+    loss, _ = grpo.grpo_token_loss(x, T(old), T(ref), T(adv), mask, **{**kw, "kl_coef": 0.0})
     loss.sum().backward()
     assert (x.grad[3] == 0).all() and (x.grad[4, :3] != 0).all()
     assert x.grad[0, 0] == 0 and x.grad[1, 1] == 0 and x.grad[1, 0] != 0  # clipped tokens carry no gradient
@@ -102,7 +109,7 @@ def test_token_loss_equals_hand_reference_with_clipping_and_masking():
 
 
 def test_unbiased_kl_gradient():
-    """d/dtheta of r * (q/p - log(q/p) - 1) equals (pi/pi_old) * log(pi/pi_ref) * d log pi (V3.2), ratio not detached."""
+    """d/dtheta of r * (q/p - log(q/p) - 1) = (pi/pi_old) * log(pi/pi_ref) * d log pi (V3.2), ratio not detached."""
     torch.manual_seed(0)
     theta = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (6,))
@@ -125,7 +132,8 @@ def test_completion_logprobs_follow_positions_not_token_values():
     m = tiny_model()
     prompts = [[5, 6, 7, 8, 9], [3], [0, 0, 2]]
     comps = [[0, 0, 1], [4, 0, 0, 0, 7], [0]]  # zeros everywhere: the pad value and (say) EOS are ordinary tokens
-    logp, mask = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU, pad_id=0), temperature=0.7, chunk_rows=3)
+    batch = grpo.pack_rows(prompts, comps, CPU, pad_id=0)
+    logp, mask = grpo.completion_logprobs(m, batch, temperature=0.7, chunk_rows=3)
     assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
     for b, (p, c) in enumerate(zip(prompts, comps)):  # each row alone, unpadded
         lp = torch.log_softmax(m(torch.tensor([p + c]))[0] / 0.7, -1)
@@ -140,7 +148,8 @@ def test_greedy_rollout_tokens_are_the_trainers_argmax():
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14]]
     out, lens = m.generate(prompts, 6, temperature=0)
     comps = [out[b, :lens[b]].tolist() for b in range(3)]
-    logp, mask, ent, kept = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU), temperature=1.0, top_k=1, extras=True)
+    batch = grpo.pack_rows(prompts, comps, CPU)
+    logp, mask, ent, kept = grpo.completion_logprobs(m, batch, temperature=1.0, top_k=1, extras=True)
     assert torch.equal(logp[mask], torch.zeros(int(mask.sum())))  # top-1 kept set = the greedy token, prob 1
     assert torch.equal(ent[mask], torch.zeros(int(mask.sum())))
     assert (grpo.unpack_bits(kept, 40).sum(1) == 1).all()
@@ -155,67 +164,65 @@ def test_pack_bits_round_trip():
         assert torch.equal(grpo.unpack_bits(bits, V), mask)
 
 
-def rollout_batch(m, tok_eos, prompts, G, c, seed=0):
+def rollout_batch(m, tok_eos, prompts, seed=0):
     torch.manual_seed(seed)
-    rows, tokens, lengths = grpo.rollout(m, prompts, c, tok_eos)
+    rows, tokens, lengths = grpo.rollout(m, prompts, tok_eos)
     comps = [tokens[i, :lengths[i]].tolist() for i in range(len(rows))]
     return rows, comps
 
 
 @pytest.mark.parametrize("top_k,top_p,ckpt_act", [(0, 1.0, False), (5, 1.0, True), (0, 0.8, False), (7, 0.9, True)])
-def test_ratio_is_exactly_one_on_the_first_update(top_k, top_p, ckpt_act):
+def test_ratio_is_exactly_one_on_the_first_update(top_k, top_p, ckpt_act, use):
     m = tiny_model()
     m.cfg.checkpoint_activations = ckpt_act
-    c = cfg(samples_per_prompt=4, max_new_tokens=9, temperature=0.8, top_k=top_k, top_p=top_p, micro_batch=5,
-            logprob_chunk_rows=7, beta=0.1, fuse_old_logprobs=False)
-    rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], 4, c)
+    use(samples_per_prompt=4, max_new_tokens=9, temperature=0.8, top_k=top_k, top_p=top_p, micro_batch=5,
+        logprob_chunk_rows=7, kl_coef=0.1, fuse_old_logprobs=False)
+    rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]])
     adv = torch.randn(len(rows))
     ref = tiny_model(seed=1)
-    mbs, _ = grpo.prepare_microbatches(m, ref, rows, comps, adv, c, CPU)
+    mbs = grpo.prepare_microbatches(m, ref, rows, comps, adv)
     m.train()
     for mb in mbs:  # same code, same micro-batches, dropout-free: the new log-probs are the old ones, bit for bit
-        tk, tp = grpo.training_truncation(c)
-        logp, mask = grpo.completion_logprobs(m, mb["batch"], c["temperature"], tk, tp,
-                                              kept_bits=mb["kept"], chunk_rows=c["logprob_chunk_rows"])
+        logp, mask = grpo.logprobs(m, mb["batch"], mb["kept"])
         assert logp.requires_grad
         assert torch.equal(logp.detach()[mask], mb["old"][mask])
         assert torch.isfinite(mb["ref"][mask]).all()
-    st = grpo.backward_on_batch(m, mbs, sum(map(len, comps)), c)
+    st = grpo.backward_on_batch(m, mbs, sum(map(len, comps)))
     assert st["abs_log_ratio"] == 0.0 and st["clip_low"] == 0 and st["clip_high"] == 0 and st["masked_seqs"] == 0
 
 
-def test_keep_sampling_mask_renormalises_over_the_kept_set():
+def test_keep_sampling_mask_renormalises_over_the_kept_set(use):
     m = tiny_model()
-    c = cfg(samples_per_prompt=8, max_new_tokens=5, temperature=1.0, top_k=3, micro_batch=100, fuse_old_logprobs=False)
-    rows, comps = rollout_batch(m, 39, [[1, 2, 3]], 8, c)
-    mbs, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c, CPU)
+    use(samples_per_prompt=8, max_new_tokens=5, temperature=1.0, top_k=3, micro_batch=100, fuse_old_logprobs=False)
+    rows, comps = rollout_batch(m, 39, [[1, 2, 3]])
+    mbs = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)))
     mb = mbs[0]
     assert (grpo.unpack_bits(mb["kept"], 40).sum(1) == 3).all()  # every sampled step kept exactly top-3
     full, mask = grpo.completion_logprobs(m, mb["batch"], 1.0)
     assert (mb["old"][mask] > full[mask]).all()  # renormalised over 3 tokens: more probable than under the full softmax
-    c2 = cfg(**{**c, "keep_sampling_mask": False})  # the other choice: full-softmax log-probs, said in the config
-    mbs2, _ = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)), c2, CPU)
+    use(keep_sampling_mask=False)  # the other choice: full-softmax log-probs, said in the config
+    mbs2 = grpo.prepare_microbatches(m, None, rows, comps, torch.zeros(len(rows)))
     assert mbs2[0]["kept"] is None and torch.allclose(mbs2[0]["old"][mask], full[mask])
 
 
-def test_micro_batches_accumulate_to_the_full_batch_gradient():
+def test_micro_batches_accumulate_to_the_full_batch_gradient(use):
     m = tiny_model()
-    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=1.0, beta=0.05, eps_low=0.1, eps_high=0.1, delta=0.02,
-            fuse_old_logprobs=False)  # old log-probs of pi_old, then the policy moves: a later update's case
-    rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]], 4, c)
+    use(samples_per_prompt=4, max_new_tokens=8, temperature=1.0, kl_coef=0.05, eps_low=0.1, eps_high=0.1, delta=0.02,
+        fuse_old_logprobs=False)  # old log-probs of pi_old, then the policy moves: a later update's case
+    rows, comps = rollout_batch(m, 39, [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]])
     adv = torch.randn(len(rows))
     ref = tiny_model(seed=1)
     n_tokens = sum(map(len, comps))
     grads = []
     for mb_size in (len(rows), 5, 1):
         policy = tiny_model()
-        cc = cfg(**{**c, "micro_batch": mb_size})
-        mbs, _ = grpo.prepare_microbatches(policy, ref, rows, comps, adv, cc, CPU)
+        use(micro_batch=mb_size)
+        mbs = grpo.prepare_microbatches(policy, ref, rows, comps, adv)
         with torch.no_grad():  # move the policy off pi_old so clipping and the off-policy mask take part
             for p in policy.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         policy.zero_grad()
-        st = grpo.backward_on_batch(policy, mbs, n_tokens, cc)
+        st = grpo.backward_on_batch(policy, mbs, n_tokens)
         grads.append([p.grad.clone() for p in policy.parameters()])
         assert st["tokens"] == n_tokens
         if mb_size == len(rows):
@@ -225,29 +232,30 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def two_ways(c, key, values, **model_kw):
-    """prepare_microbatches + backward_on_batch of one rollout batch with cfg key = each value, from the same weights:
-    -> {value: (micro-batches, stats with the entropy sum, grads, policy.hidden calls)}."""
+def two_ways(use, key, values, **model_kw):
+    """prepare_microbatches + backward_on_batch of one rollout batch with setting key = each value, from the same
+    weights: -> {value: (micro-batches, stats with the entropy sum, grads, policy.hidden calls)}."""
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]]
-    rows, comps = rollout_batch(tiny_model(**model_kw), 39, prompts, c["samples_per_prompt"], c)
+    use(**{key: values[0]})
+    rows, comps = rollout_batch(tiny_model(**model_kw), 39, prompts)
     adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
     ref = tiny_model(seed=1, **model_kw)
     out = {}
     for v in values:
-        policy, cc, calls = tiny_model(**model_kw), cfg(**{**c, key: v}), []
+        policy, calls = tiny_model(**model_kw), []
+        use(**{key: v})
         hidden = policy.hidden
         policy.hidden = lambda *a, **k: calls.append(1) or hidden(*a, **k)
-        mbs, ent_sum = grpo.prepare_microbatches(policy, ref, rows, comps, adv, cc, CPU)
+        mbs = grpo.prepare_microbatches(policy, ref, rows, comps, adv)
         policy.train()
-        st = grpo.backward_on_batch(policy, mbs, sum(map(len, comps)), cc)
-        st["entropy"] = ent_sum + st.get("entropy", 0.0)
+        st = grpo.backward_on_batch(policy, mbs, sum(map(len, comps)))
         out[v] = (mbs, st, [p.grad for p in policy.parameters()], len(calls))
     return out
 
 
-def test_fused_old_logprobs_equal_the_two_pass_step_with_one_policy_forward_fewer():
-    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=0.9, beta=0.05, micro_batch=5, logprob_chunk_rows=7)
-    out = two_ways(c, "fuse_old_logprobs", (False, True))
+def test_fused_old_logprobs_equal_the_two_pass_step_with_one_policy_forward_fewer(use):
+    use(samples_per_prompt=4, max_new_tokens=8, temperature=0.9, kl_coef=0.05, micro_batch=5, logprob_chunk_rows=7)
+    out = two_ways(use, "fuse_old_logprobs", (False, True))
     (mbs, st2, g2, n2), (mbs_f, st1, g1, n1) = out[False], out[True]
     assert mbs_f[0]["old"] is None and n2 == 2 * len(mbs) and n1 == len(mbs)  # old + update forwards vs the update's
     assert st1.keys() == st2.keys() and st1["entropy"] > 0
@@ -265,8 +273,9 @@ def test_fused_old_logprobs_equal_the_two_pass_step_with_one_policy_forward_fewe
         policy = tiny_model(vocab=tok.vocab_size)
         opt = policy.configure_optimizer(1e-3, 0.0, (0.9, 0.99), "cpu")
         torch.manual_seed(5)
-        m, _ = grpo.grpo_step(policy, ref, opt, tok, examples, cfg(samples_per_prompt=8, max_new_tokens=4, micro_batch=7,
-                              beta=0.05, fuse_old_logprobs=fuse), lambda t, e: (float("C" in t), True), 1e-3, CPU)
+        use(samples_per_prompt=8, max_new_tokens=4, micro_batch=7, logprob_chunk_rows=4096, temperature=1.0,
+            fuse_old_logprobs=fuse)
+        m, _ = grpo.grpo_step(policy, ref, opt, tok, examples, 1e-3, reward_fn=lambda t, e: (float("C" in t), True))
         runs.append((m, list(policy.parameters())))
     (m2, p2), (m1, p1) = runs
     assert "skipped" not in m1 and m1.keys() == m2.keys()
@@ -277,13 +286,17 @@ def test_fused_old_logprobs_equal_the_two_pass_step_with_one_policy_forward_fewe
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_fused_old_logprobs_only_where_they_are_the_old_policys():
-    m, c = tiny_model(), cfg()
-    assert grpo.fuses_old_logprobs(m, c)
-    assert grpo.fuses_old_logprobs(m, cfg(top_k=5, keep_sampling_mask=False))  # full-softmax log-probs: no kept sets
-    for kw in ({"fuse_old_logprobs": False}, {"updates_per_batch": 2}, {"top_k": 5}, {"top_p": 0.9}):
-        assert not grpo.fuses_old_logprobs(m, cfg(**kw)), kw
-    assert not grpo.fuses_old_logprobs(tiny_model(dropout=0.1), c)  # train and eval forwards would differ
+def test_fused_old_logprobs_only_where_they_are_the_old_policys(monkeypatch):
+    m = tiny_model()
+    assert grpo.fuses_old_logprobs(m)
+    assert not grpo.fuses_old_logprobs(tiny_model(dropout=0.1))  # train and eval forwards would differ
+    for kw, fuses in (({"top_k": 5, "keep_sampling_mask": False}, True),  # full-softmax log-probs: no kept sets
+                      ({"fuse_old_logprobs": False}, False), ({"updates_per_batch": 2}, False), ({"top_k": 5}, False),
+                      ({"top_p": 0.9}, False)):
+        with monkeypatch.context() as mp:
+            for k, v in kw.items():
+                mp.setattr(grpo, k, v)
+            assert grpo.fuses_old_logprobs(m) == fuses, kw
 
 
 def test_right_padding_changes_no_logprob():
@@ -299,11 +312,11 @@ def test_right_padding_changes_no_logprob():
     assert torch.equal(mask, mask_b) and torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_compiled_forward_matches_eager():
+def test_compiled_forward_matches_eager(use):
     """compile=True (inductor on the CPU): the old, reference and update forwards and their head chunks through
     torch.compile, rows padded to a multiple of 16, agree with eager ones, two-pass and fused."""
-    c = cfg(samples_per_prompt=4, max_new_tokens=8, beta=0.05, micro_batch=8, fuse_old_logprobs=False)
-    out = two_ways(c, "compile", (False, True), n_layer=1)  # one block: half the tracing
+    use(samples_per_prompt=4, max_new_tokens=8, kl_coef=0.05, micro_batch=8, fuse_old_logprobs=False)
+    out = two_ways(use, "compile", (False, True), n_layer=1)  # one block: half the tracing
     (mbs_e, st_e, g_e, _), (mbs_c, st_c, g_c, _) = out[False], out[True]
     assert mbs_c[0]["batch"]["seqs"].shape[1] % 16 == 0 and mbs_e[0]["batch"]["seqs"].shape[1] % 16 != 0
     for a, b in zip(mbs_e, mbs_c):
@@ -313,7 +326,8 @@ def test_compiled_forward_matches_eager():
     for a, b in zip(g_e, g_c):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     # fused old log-probs: the compiled head chunk returns the entropy beside log-probs that carry gradients
-    out = two_ways({**c, "fuse_old_logprobs": True, "temperature": 0.9}, "compile", (False, True), n_layer=1)
+    use(fuse_old_logprobs=True, temperature=0.9)
+    out = two_ways(use, "compile", (False, True), n_layer=1)
     (_, st_e, g_e, _), (_, st_c, g_c, _) = out[False], out[True]
     assert st_c["entropy"] > 0
     for k in st_e:
@@ -327,7 +341,7 @@ def char_tok(text):
     return load_tokenizer(grpo.char_meta([text]))
 
 
-def test_score_cuts_at_eos_and_stop_strings():
+def test_score_cuts_at_eos_and_stop_strings(use):
     tok = char_tok("Q: 1+2=\nA: 3 x")
     eos = tok.eos_id
     enc = tok.encode
@@ -339,8 +353,8 @@ def test_score_cuts_at_eos_and_stop_strings():
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
     ex = {"task": "addition", "answer": "3", "prompt": "Q: 1+2=\nA:"}
-    c = cfg(samples_per_prompt=4, max_new_tokens=10)
-    s = grpo.score(tok, [ex], tokens, lengths, c, lambda t, e: (tasks.reward("addition", t, e), tasks.is_parsable("addition", t, e)))
+    use(samples_per_prompt=4, max_new_tokens=10)
+    s = grpo.score(tok, [ex], tokens, lengths)  # training's reward: tasks.grade of the example's task
     assert s["completion"][0] == enc(" 3") + [eos] and s["finished"][0]
     assert s["completion"][1] == enc(" 3\nQ:") and s["finished"][1] and s["text"][1] == " 3\nQ:"
     assert s["completion"][2] == enc(" 3 3 3 3 3") and not s["finished"][2]
@@ -348,13 +362,14 @@ def test_score_cuts_at_eos_and_stop_strings():
     assert s["raw_len"] == [3, 9, 10, 4]
 
 
-def score_reference(tok, examples, tokens, lengths, cfg, reward_fn):
+def score_reference(tok, examples, tokens, lengths, G, cut, reward_fn):
     """grpo.score() as it was: one sample at a time (a slice + tolist per row, every sample decoded and rewarded)."""
     def dec(ids):
         return tok.decode([t for t in ids if t < tok.vocab_size and t != tok.eos_id])
 
     def stop_len(ids):  # the shortest prefix holding a stop string, by a linear scan (score() bisects)
-        return next((k for k in range(1, len(ids) + 1) if any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS)), len(ids))
+        stops = (k for k in range(1, len(ids) + 1) if any(st in dec(ids[:k]) for st in tasks.STOP_STRINGS))
+        return next(stops, len(ids))
     s = {k: [] for k in ("completion", "text", "reward", "parsable", "finished", "raw_len")}
     for i in range(len(tokens)):
         n = int(lengths[i])
@@ -362,11 +377,11 @@ def score_reference(tok, examples, tokens, lengths, cfg, reward_fn):
         finished = ids[-1] == tok.eos_id
         body = ids[:-1] if finished else ids
         text = dec(body)
-        if cfg["cut_at_stop_strings"] and any(st in text for st in tasks.STOP_STRINGS):
+        if cut and any(st in text for st in tasks.STOP_STRINGS):
             k = stop_len(body)
             if k < len(body):
                 ids, finished, text = body[:k], True, dec(body[:k])
-        r, parsable = reward_fn(text, examples[i // cfg["samples_per_prompt"]])
+        r, parsable = reward_fn(text, examples[i // G])
         for key, v in zip(s, (ids, text, float(r), bool(parsable), finished, n)):
             s[key].append(v)
     s["repetition"] = [tasks.has_runaway_repetition(c) for c in s["completion"]]
@@ -374,7 +389,8 @@ def score_reference(tok, examples, tokens, lengths, cfg, reward_fn):
 
 
 SCORE_TEXTS = [" B", " The answer is C.\nQuestion: A 30-year-old man", " D", "\nQ: why", "\nQuestion:",
-               " B B B B B B B B B B B B B B", " A", " C", " 48/2 = 24 clips. 48+24 = 72\n#### 72", " #### 71\nQuestion: what",
+               " B B B B B B B B B B B B B B", " A", " C", " 48/2 = 24 clips. 48+24 = 72\n#### 72",
+               " #### 71\nQuestion: what",
                " 72<|endoftext|> and more", " 72", " The answer is 72.\nQ:", "Answer: (b) beta blocker, because"]
 GPT2_FILE = os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2.tiktoken")
 
@@ -382,7 +398,7 @@ GPT2_FILE = os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt2.tiktoken
 @pytest.mark.parametrize("kind", ["char", pytest.param("gpt2", marks=pytest.mark.skipif(
     not os.path.isfile(GPT2_FILE), reason="../shared/data/gpt2.tiktoken absent (the GPT-2 tokenizer offline)"))])
 @pytest.mark.parametrize("cut", [True, False])
-def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch):
+def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch, use):
     """score() (one tolist for the batch, a prompt's repeated samples scored once, the batched repetition check)
     gives exactly the per-sample loop's lists, types included: EOS (alone, inside, last), stop strings at the start,
     middle and end, ids beyond the vocab, repeats within and across groups, MedQA and GSM8K rewards."""
@@ -395,10 +411,10 @@ def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch):
     opts = {"A": "aspirin", "B": "beta blocker", "C": "calcium", "D": "digoxin"}
     examples = [{"task": "medqa", "answer": "B", "options": opts}, {"task": "gsm8k", "answer": "72"},
                 {"task": "medqa", "answer": "C", "options": opts}, {"task": "gsm8k", "answer": "71"}]
-    mcq = [e(0) + [eos], e(0) + [eos], e(1), [eos], e(2) + [V + 5] + e(3) + [eos], e(4), e(5), e(6) + [eos] + e(7) + [eos],
-           e(13) + [eos], [V + 1] + e(0) + e(1)]
-    gsm = [e(8) + [eos], e(8) + [eos], e(9), e(10), [V + 1, V + 2] + e(11), e(12) + [eos], [eos], e(11) + [eos], e(9) + [eos],
-           e(12)]
+    mcq = [e(0) + [eos], e(0) + [eos], e(1), [eos], e(2) + [V + 5] + e(3) + [eos], e(4), e(5),
+           e(6) + [eos] + e(7) + [eos], e(13) + [eos], [V + 1] + e(0) + e(1)]
+    gsm = [e(8) + [eos], e(8) + [eos], e(9), e(10), [V + 1, V + 2] + e(11), e(12) + [eos], [eos], e(11) + [eos],
+           e(9) + [eos], e(12)]
     g = torch.Generator().manual_seed(0)
     noise = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 7, 12)]
     groups = [mcq + noise, gsm + noise, mcq + noise, gsm + noise]  # groups 3 and 4: the same rows, other answers
@@ -406,12 +422,13 @@ def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch):
     width = max(map(len, rows)) + 4
     tokens = torch.tensor([r + torch.randint(0, V + 8, (width - len(r),), generator=g).tolist() for r in rows])
     lengths = torch.tensor([len(r) for r in rows])
-    c = cfg(samples_per_prompt=len(groups[0]), cut_at_stop_strings=cut)
+    use(samples_per_prompt=len(groups[0]), cut_at_stop_strings=cut)
 
     def reward_fn(text, ex):  # ints: score() makes them float and bool
         r, parsable = tasks.grade(ex["task"], text, ex)
         return int(r), int(parsable)
-    got, want = grpo.score(tok, examples, tokens, lengths, c, reward_fn), score_reference(tok, examples, tokens, lengths, c, reward_fn)
+    got = grpo.score(tok, examples, tokens, lengths, reward_fn)
+    want = score_reference(tok, examples, tokens, lengths, len(groups[0]), cut, reward_fn)
     assert list(got) == list(want)
     for k in want:
         assert got[k] == want[k], k
@@ -424,7 +441,7 @@ def test_score_equals_the_per_sample_reference(kind, cut, monkeypatch):
 
 
 # ---- learning -----------------------------------------------------------------------------------------------------
-def test_tiny_random_policy_learns_to_always_answer_C():
+def test_tiny_random_policy_learns_to_always_answer_C(use):
     chars = sorted(set(" ABCD?:\nQ"))
     tok = load_tokenizer({"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eos_id": len(chars)})
     torch.manual_seed(0)
@@ -434,21 +451,23 @@ def test_tiny_random_policy_learns_to_always_answer_C():
     ref.requires_grad_(False)
     opt = policy.configure_optimizer(3e-3, 0.0, (0.9, 0.99), "cpu")
     examples = [{"prompt": p, "task": "x"} for p in ("Q: A?\nA:", "Q: B?\nA:", "Q: D?\nA:", "Q: ABCD?\nA:")]
-    c = cfg(samples_per_prompt=16, max_new_tokens=1, micro_batch=64, beta=0.01)
+    use(samples_per_prompt=16, max_new_tokens=1, micro_batch=64, kl_coef=0.01)
     reward_fn = lambda text, ex: (float(text.strip() == "C"), True)
 
     def sampled_accuracy():
         torch.manual_seed(123)
-        rows, tokens, lengths = grpo.rollout(policy, [tok.encode(e["prompt"]) for e in examples], cfg(**{**c, "samples_per_prompt": 64}), tok.eos_id)
+        use(samples_per_prompt=64)
+        rows, tokens, lengths = grpo.rollout(policy, [tok.encode(e["prompt"]) for e in examples], tok.eos_id)
+        use(samples_per_prompt=16)
         return sum(tok.decode(tokens[i, :1].tolist()) == "C" for i in range(len(rows))) / len(rows)
 
     before = sampled_accuracy()
     assert before < 0.3  # about chance: 1 of 10 tokens
     history = []
     for step in range(60):
-        m, _ = grpo.grpo_step(policy, ref, opt, tok, examples, c, reward_fn, 3e-3, CPU)
+        m, _ = grpo.grpo_step(policy, ref, opt, tok, examples, 3e-3, reward_fn=reward_fn)
         history.append(m)
-        if m["reward_mean"] > 0.97:  # every group right: no signal left, the step is skipped
+        if m["reward_mean"] > 0.97:  # every group right: no signal left, no update
             break
     after = sampled_accuracy()
     assert after >= 0.9, (before, after, [round(h["reward_mean"], 2) for h in history])
@@ -456,12 +475,72 @@ def test_tiny_random_policy_learns_to_always_answer_C():
 
 
 # ---- the script: debug run, eval_only, exact resume -----------------------------------------------------------------
-def run_grpo(*args, cwd):
+def run_grpo(*args, cwd, ok=True):
+    """grpo.py config/grpo_debug.py *args -> stdout; ok=False: it must fail -> (stdout, its last stderr line)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"), *args],
-                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
+                        *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout if ok else (r.stdout, r.stderr.strip().splitlines()[-1])
+
+
+SMALL = ["--eval_n=8", "--eval_every=0", "--prompts_per_step=4", "--samples_per_prompt=4", "--max_steps=20"]
+
+
+def finite_checkpoint(path):
+    ckpt = load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    return ckpt
+
+
+def test_absurd_lr_stops_in_one_line_leaving_a_finite_checkpoint(tmp_path):
+    """lr 1e30 breaks the weights in one update (finite, but their logits are not): the next generate() refuses them;
+    the run stops with one line naming the last checkpoint, which holds finite weights."""
+    out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--lr=1e30", "--grad_clip=0", "--warmup_steps=1",
+                         "--save_every=1", cwd=tmp_path, ok=False)
+    m = re.fullmatch(r"stopping after step (\d+): the policy's logits are NaN or inf \(an update broke its weights: "
+                     r"lr too high\?\); the last checkpoint written: (.*) \(step (\d+)\)", last)
+    assert m and m[2] == f"{tmp_path}/ckpt.pt", last
+    assert finite_checkpoint(m[2])["step"] == int(m[3]) <= int(m[1])
+
+
+def test_non_finite_steps_are_counted_logged_and_stop_the_run(tmp_path):
+    """kl_coef 1e39 is inf in float32: inf x a KL of 0 makes every loss NaN. Each such update is skipped, said on
+    stdout and in log.jsonl, and max_bad_steps of them in a row stop the run with the weights the last good update
+    left, checkpointed."""
+    out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--kl_coef=1e39", "--max_bad_steps=3", cwd=tmp_path, ok=False)
+    assert out.count("update skipped") == 3 and "update skipped (3 in a row)" in out
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    skipped = [r["step"] for r in recs if r.get("skipped")]
+    assert len(skipped) == 3 and math.isnan(recs[-1]["loss"])
+    assert last == (f"stopping: 3 non-finite steps in a row; the last checkpoint written: {tmp_path}/ckpt.pt "
+                    f"(step {skipped[-1]})")
+    assert finite_checkpoint(tmp_path / "ckpt.pt")["step"] == skipped[-1] == recs[-1]["step"]
+
+
+def test_failed_checkpoint_writes_stop_the_run(tmp_path):
+    (tmp_path / "ckpt.pt").mkdir()  # a directory where the checkpoint goes: every write fails
+    out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--save_every=1", cwd=tmp_path, ok=False)
+    assert out.count("WARNING: could not write") == 3
+    assert last == "stopping: 3 checkpoint writes in a row failed; the last checkpoint written: none written"
+
+
+def test_user_errors_name_the_real_problem(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _, last = run_grpo("--task=medqa", f"--train_data={empty}", cwd=tmp_path, ok=False)
+    assert last == f"no training prompts in {empty}"
+    _, last = run_grpo("--eval_task=medqa", f"--eval_data={empty}", cwd=tmp_path, ok=False)
+    assert last == f"no evaluation examples in {empty}"
+    torch.manual_seed(0)
+    meta = grpo.char_meta(["Q: 1+2=\nA: 3"])
+    pretrained = {"model_config": asdict(make_config("debug", vocab_size=meta["vocab_size"])), "kind": "pretrain",
+                  "model": GPT(make_config("debug", vocab_size=meta["vocab_size"])).state_dict(), "tokenizer": meta}
+    assert save_checkpoint(str(tmp_path / "ckpt.pt"), pretrained)
+    _, last = run_grpo("--init_from=resume", f"--out_dir={tmp_path}", cwd=tmp_path, ok=False)
+    path = tmp_path / "ckpt.pt"
+    assert last == (f"--init_from=resume needs a grpo.py checkpoint in out_dir; {path} is a train.py checkpoint "
+                    f"(kind 'pretrain'): start with --init_from={path}")
 
 
 def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
@@ -470,7 +549,8 @@ def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     run_grpo(*common, f"--out_dir={straight}", "--max_steps=3", "--save_every=10", cwd=tmp_path)
     run_grpo(*common, f"--out_dir={split}", "--max_steps=2", "--save_every=10", cwd=tmp_path)
-    out = run_grpo(*common, f"--out_dir={split}", "--max_steps=3", "--save_every=10", "--init_from=resume", cwd=tmp_path)
+    out = run_grpo(*common, f"--out_dir={split}", "--max_steps=3", "--save_every=10", "--init_from=resume",
+                   cwd=tmp_path)
     assert "step 3/3" in out and "step 1/3" not in out
     a, b = load_checkpoint(os.path.join(straight, "ckpt.pt")), load_checkpoint(os.path.join(split, "ckpt.pt"))
     assert a["kind"] == b["kind"] == "grpo" and a["step"] == b["step"] == 3 and a["data_state"] == b["data_state"]
@@ -479,8 +559,8 @@ def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
     load_model(b)  # the same format train.py writes: loadable by sample.py / eval.py as is
     recs = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
     trained = [r for r in recs if "loss" in r]
-    for key in ("reward_mean", "reward_std", "accuracy", "frac_zero_std", "len_mean", "len_max", "truncated", "clip_low",
-                "clip_high", "kl", "masked_frac", "entropy", "rollout_tok_s", "train_tok_s", "grad_norm"):
+    for key in ("reward_mean", "reward_std", "accuracy", "frac_zero_std", "len_mean", "len_max", "truncated",
+                "clip_low", "clip_high", "kl", "masked_frac", "entropy", "rollout_tok_s", "train_tok_s", "grad_norm"):
         assert key in trained[0], key
     assert "eval_generate_acc" in recs[0] and "eval_generate_acc" in recs[-1]
     assert os.path.getsize(os.path.join(straight, "reward_curve.png")) > 1000
@@ -490,21 +570,18 @@ def test_eval_only_and_config_errors(tmp_path):
     out = run_grpo("--eval_only=True", "--eval_n=10", f"--out_dir={tmp_path}", cwd=tmp_path)
     res = json.load(open(os.path.join(tmp_path, "eval.json")))
     assert res["eval_generate_n"] == 10 and 0 <= res["eval_generate_acc"] <= 1 and "eval step 0" in out
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
-                          "--task=medqa", "--train_data=/nonexistent.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "no data file /nonexistent.jsonl" in bad.stderr + bad.stdout
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
-                          "--temperture=1.0"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown key 'temperture'" in bad.stderr + bad.stdout
+    _, last = run_grpo("--task=medqa", "--train_data=/nonexistent.jsonl", cwd=tmp_path, ok=False)
+    assert "no data file /nonexistent.jsonl" in last
+    _, last = run_grpo("--temperture=1.0", cwd=tmp_path, ok=False)
+    assert "unknown key 'temperture'" in last
 
 
-def test_shared_prompt_rows_equal_a_row_per_sample():
+def test_shared_prompt_rows_equal_a_row_per_sample(use):
     """share_prompts: a prompt's samples in one row (the prompt once, each completion after it at the same positions,
     seeing the prompt and itself) give every sample's log-probs and entropies, and the step's stats and gradients, of
     a row per sample."""
-    c = cfg(samples_per_prompt=4, max_new_tokens=8, temperature=0.9, beta=0.05, micro_batch=7, fuse_old_logprobs=False)
-    out = two_ways(c, "share_prompts", (0, 512, 20))  # 20: rows of at most 20 tokens, so a prompt spans several rows
+    use(samples_per_prompt=4, max_new_tokens=8, temperature=0.9, kl_coef=0.05, micro_batch=7, fuse_old_logprobs=False)
+    out = two_ways(use, "share_prompts", (0, 512, 20))  # 20: rows of at most 20 tokens, so a prompt spans several rows
     rows = {v: sum(len(mb["batch"]["seqs"]) for mb in out[v][0]) for v in out}
     assert rows[512] < rows[20] < rows[0] == 16 and out[0][0][0]["batch"]["layout"] is None
     for v in (512, 20):
@@ -513,7 +590,8 @@ def test_shared_prompt_rows_equal_a_row_per_sample():
         for a, b in zip(out[0][2], out[v][2]):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     m = tiny_model()
-    prompts, comps = [[1, 2, 3], [4], [1, 2, 3], [4], [1, 2, 3]], [[5, 6], [7, 8, 9], [10], [11, 12, 13, 14], [15, 16, 17]]
+    prompts = [[1, 2, 3], [4], [1, 2, 3], [4], [1, 2, 3]]
+    comps = [[5, 6], [7, 8, 9], [10], [11, 12, 13, 14], [15, 16, 17]]
     lp0, mask0, ent0, _ = grpo.completion_logprobs(m, grpo.pack_rows(prompts, comps, CPU), 0.9, extras=True)
     shared = grpo.pack_rows(prompts, comps, CPU, share=64)
     assert len(shared["seqs"]) == 2

@@ -14,7 +14,7 @@ needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/d
 
 import tasks  # noqa: E402
 from tasks import (extract_letter, extract_number, extract_yesno, extract_choice, has_runaway_repetition,  # noqa: E402
-                   load_task, make_addition, permute_options, reward, is_parsable, wilson_interval, format_mcq)
+                   load_task, make_addition, permute_options, grade, wilson_interval, format_mcq)
 
 
 def test_format_mcq_unchanged():
@@ -95,18 +95,19 @@ def test_normalize_number():
     assert n("1,000.50") == "1000.5" and n("$3.") == "3" and n("-0.0") == "0" and n("abc") is None
 
 
-def test_reward_numbers_and_letters():
+def test_grade_numbers_and_letters():
     ex = {"task": "gsm8k", "answer": "10"}
-    assert reward("gsm8k", " 2*5 = 10.0\n#### 10.0", ex) == 1.0
-    assert reward("gsm8k", " #### $10", ex) == 1.0
-    assert reward("gsm8k", " #### 11", ex) == 0.0
-    assert reward("gsm8k", " I don't know", ex) == 0.0 and not is_parsable("gsm8k", " I don't know", ex)
+    assert grade("gsm8k", " 2*5 = 10.0\n#### 10.0", ex) == (1.0, True)
+    assert grade("gsm8k", " #### $10", ex) == (1.0, True)
+    assert grade("gsm8k", " #### 11", ex) == (0.0, True)
+    assert grade("gsm8k", " I don't know", ex) == (0.0, False)
     mcq = {"task": "medqa", "answer": "B", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}
-    assert reward("medqa", " B", mcq) == 1.0 and reward(None, " (b)", mcq) == 1.0
-    assert reward("medqa", " C", mcq) == 0.0 and is_parsable("medqa", " C", mcq)
-    assert not is_parsable("medqa", " a patient", mcq)
+    assert grade("medqa", " B", mcq) == (1.0, True) and grade(None, " (b)", mcq) == (1.0, True)
+    assert grade("medqa", " C", mcq) == (0.0, True)
+    assert grade("medqa", " a patient", mcq) == (0.0, False)
     add = {"task": "addition", "answer": "4690"}
-    assert reward("addition", " 4690\nQ: 1+1=\nA: 2", add) == 1.0 and reward("addition", " 4691", add) == 0.0
+    assert grade("addition", " 4690\nQ: 1+1=\nA: 2", add) == (1.0, True)
+    assert grade("addition", " 4691", add) == (0.0, True)
 
 
 def test_runaway_repetition():
@@ -200,7 +201,7 @@ def test_addition_answers_and_split():
         a, b = ex["a"], ex["b"]
         assert ex["prompt"] == f"Q: {a}+{b}=\nA:" and int(ex["answer"]) == a + b
         assert 0 <= a < 10 ** 4 and 0 <= b < 10 ** 4
-        assert reward("addition", " " + ex["answer"], ex) == 1.0
+        assert grade("addition", " " + ex["answer"], ex)[0] == 1.0
     assert not {(e["a"], e["b"]) for e in train} & {(e["a"], e["b"]) for e in ev}
     assert make_addition(10, seed=0) == make_addition(10, seed=0)
     assert all(len(str(e["a"])) == 3 for e in make_addition(50, digits=3))
@@ -229,7 +230,7 @@ def test_synth_cli(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "tasks.py"), "synth", "--task", "addition", "--n", "20",
                     "--seed", "1", "--split", "eval", "--format", "prompt", "--out", str(ev)], check=True)
     exs = load_task("addition", str(ev))
-    assert len(exs) == 20 and all(reward("addition", " " + e["answer"], e) == 1.0 for e in exs)
+    assert len(exs) == 20 and all(grade("addition", " " + e["answer"], e)[0] == 1.0 for e in exs)
 
 
 # ------------------------------------------------------------------ real files
@@ -243,7 +244,7 @@ def test_gsm8k_all_answers_parse():
         raw = r["answer"].split("####")[-1].strip().replace(",", "")
         assert e["answer"] is not None and float(e["answer"]) == float(raw)
         assert e["prompt"] == f"Question: {r['question'].strip()}\nAnswer:"
-        assert reward("gsm8k", " " + e["solution"], e) == 1.0  # the reference solution earns the reward
+        assert grade("gsm8k", " " + e["solution"], e)[0] == 1.0  # the reference solution earns the reward
         assert "<<" not in e["solution"]
     assert exs[0]["answer"] == "72"
 
@@ -263,7 +264,7 @@ def test_mcq_shuffle_on_real_rows(rel):
         assert s["options"][s["answer"]] == p["answer_text"] == s["answer_text"]  # answer text follows its letter
         assert sorted(map(str, s["options"].values())) == sorted(map(str, p["options"].values()))
         assert f"\n{s['answer']}. {str(s['answer_text']).strip()}\n" in s["prompt"]
-        assert reward(name, " " + s["answer"], s) == 1.0
+        assert grade(name, " " + s["answer"], s)[0] == 1.0
         moved += s["answer"] != p["answer"]
     assert moved > len(plain) * 0.4  # options really move
     # deterministic, and a subset keeps the same permutation for the same rows
@@ -279,8 +280,8 @@ def test_pubmedqa_words():
     exs = load_task("pubmedqa", os.path.join(SHARED, "pubmedqa/train.jsonl"))
     assert len(exs) == 450
     for e in exs:
-        assert reward("pubmedqa", " " + e["answer_text"], e) == 1.0
-        assert reward("pubmedqa", " " + e["answer_text"].capitalize() + ".", e) == 1.0
+        assert grade("pubmedqa", " " + e["answer_text"], e)[0] == 1.0
+        assert grade("pubmedqa", " " + e["answer_text"].capitalize() + ".", e)[0] == 1.0
 
 
 @needs_shared
