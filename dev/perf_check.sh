@@ -25,8 +25,8 @@ mkdir -p "$RUNS"
 # GPTConfig fields)
 [[ " $PARTS " != *" grpo "* ]] || [ -e "$RUNS/ckpt/ckpt.pt" ] || (cd "$OLD" && python train.py config/gutenberg.py \
     --preset="$GRPO_PRESET" "--model_overrides={}" --block_size="$BLOCK" --micro_batch="$BATCH" --grad_accum=1 \
-    --max_tokens=$((2 * BATCH * BLOCK)) --warmup_tokens=$((BATCH * BLOCK)) --eval_every_steps=0 --compile=False --device="$DEVICE" \
-    --data_dir="$NEW/data/gutenberg" --out_dir="$RUNS/ckpt" | grep -E "saved")
+    --max_tokens=$((2 * BATCH * BLOCK)) --warmup_tokens=$((BATCH * BLOCK)) --eval_every_steps=0 --compile=False \
+    --device="$DEVICE" --data_dir="$NEW/data/gutenberg" --out_dir="$RUNS/ckpt" | grep -E "saved")
 for TREE in old new; do
     DIR=$OLD
     [ "$TREE" = new ] && DIR=$NEW
