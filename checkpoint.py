@@ -7,6 +7,8 @@ share: device and autocast, seeds, RNG state, stop signals, the JSON-lines log.
 """
 import json
 import os
+import re
+import shutil
 import signal
 from contextlib import nullcontext
 
@@ -15,25 +17,44 @@ import torch
 from model import GPT, GPTConfig
 
 
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file, fsync, then rename: a crash or a full disk never leaves a half-written
-    file in place of a good one. Returns True when written; on failure prints one warning and returns False."""
+def save_checkpoint(path, ckpt, copies=()):
+    """Write to a temporary file, fsync, then rename: a crash or a full disk never leaves a half-written file in place
+    of a good one. copies: more paths that get their own file (not a hard link, so one bad block spoils one copy).
+    Returns True when all are written; on failure prints one warning and returns False."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    done, target = [], path
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for target in [path, *copies]:
+            tmp = f"{target}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                if target == path:
+                    torch.save(ckpt, f)
+                else:  # a byte copy of path: serialized once
+                    with open(path, "rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 24)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            done.append(target)
         return True
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
-        print(f"WARNING: could not write {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-              "the previous checkpoint is intact", flush=True)
+        kept = f"{path} is written" if done else "the previous checkpoint is intact"
+        print(f"WARNING: could not write {target} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+              f"{kept}", flush=True)
         return False
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(f"{target}.tmp{os.getpid()}"):
+            os.remove(f"{target}.tmp{os.getpid()}")
+
+
+def remove_stale_temps(out_dir):
+    """Delete the *.tmp<pid> files a killed writer left in out_dir (a run owns its out_dir, so at start any is stale)."""
+    stale = [n for n in os.listdir(out_dir) if re.fullmatch(r".+\.pt\.tmp\d+", n)] if os.path.isdir(out_dir) else []
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    if stale:
+        print(f"removed {len(stale)} unfinished checkpoint file(s) a killed run left in {out_dir}: {', '.join(stale)}")
+    return stale
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -50,12 +71,51 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def load_model(source, device="cpu", strict=True, **overrides):
-    """The one model loader: source is a checkpoint path, a Qwen3-layout folder or an already loaded checkpoint dict;
-    overrides replace GPTConfig fields (e.g. dropout=0.0). strict=False lets only DSA indexer weights be missing
-    (a dense checkpoint starting DSA). -> (model on device, checkpoint dict)."""
+def latest_checkpoint(out_dir, map_location="cpu"):
+    """The newest checkpoint in out_dir that loads: ckpt.pt, else ckpt_<step>.pt newest first (says which it took).
+    -> (path, checkpoint dict)."""
+    rotated = sorted((n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", n)), reverse=True) \
+        if os.path.isdir(out_dir) else []
+    candidates = [os.path.join(out_dir, n) for n in ["ckpt.pt"] + rotated]
+    failed = []
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            ckpt = load_checkpoint(path, map_location)
+        except SystemExit as e:
+            failed.append(str(e))
+            continue
+        if failed:
+            print(f"WARNING: {failed[0]}; resuming from {path} (step {ckpt.get('step')}) instead", flush=True)
+        return path, ckpt
+    if failed:
+        raise SystemExit(f"no checkpoint in {out_dir} loads: {' | '.join(failed)}")
+    raise SystemExit(f"nothing to resume: {out_dir} has no ckpt.pt or ckpt_<step>.pt; start with --init_from=scratch")
+
+
+def check_tokenizer(ckpt, meta, source, data_dir):
+    """Refuse data whose token ids mean something else than the checkpoint's: another tokenizer, vocab size or, for
+    char tokenizers, character table (the ids would silently map to other characters)."""
+    tok = ckpt.get("tokenizer") or {}
+    if tok.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+        raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']}, but {data_dir} uses {meta['tokenizer']}")
+    if tok.get("vocab_size", meta["vocab_size"]) != meta["vocab_size"]:
+        raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']} of vocab {tok['vocab_size']}, but "
+                         f"{data_dir} has vocab {meta['vocab_size']}: prepare the data with the checkpoint's tokenizer")
+    if "chars" in tok and "chars" in meta and tok["chars"] != meta["chars"]:
+        diff = "".join(sorted(set(tok["chars"]) ^ set(meta["chars"])))
+        how = f"characters in one only: {diff[:40]!r}" if diff else "the same characters in another order"
+        raise SystemExit(f"{source} was trained on another character table than {data_dir} ({how}): its ids would "
+                         "mean other characters; prepare the data with the checkpoint's characters")
+
+
+def load_model(source, device="cpu", strict=True, name=None, **overrides):
+    """The one model loader: source is a checkpoint path, a Qwen3-layout folder or an already loaded checkpoint dict
+    (name: where it came from, for errors); overrides replace GPTConfig fields (e.g. dropout=0.0). strict=False lets
+    only DSA indexer weights be missing (a dense checkpoint starting DSA). -> (model on device, checkpoint dict)."""
     if isinstance(source, dict):
-        ckpt, name = source, "the checkpoint"
+        ckpt, name = source, name or "the checkpoint"
     else:
         ckpt, name = (load_hf_folder(source) if os.path.isdir(source) else load_checkpoint(source)), source
     model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))

@@ -127,7 +127,8 @@ def write_json(folder, name, obj):
 
 
 def export(ckpt_path, out, dtype="float32", overwrite=False):
-    from safetensors.torch import save_file
+    """Check, then write the folder; a failed write (a full disk) is one line naming the incomplete folder."""
+    from safetensors import SafetensorError
     ckpt = load_checkpoint(ckpt_path)
     reason = refuse_reason(ckpt)
     if reason:
@@ -138,15 +139,24 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise SystemExit(f"export_hf: {out} exists and is not empty; pass --overwrite or choose another --out")
     tok = ckpt.get("tokenizer") or {}
-    name = tok.get("tokenizer")
-    if name == "gpt2":  # before writing anything: offline without TIKTOKEN_GPT2_FILE this is where it stops
+    gpt2 = None
+    if tok.get("tokenizer") == "gpt2":  # before writing anything: offline without TIKTOKEN_GPT2_FILE it stops here
         try:
             gpt2 = gpt2_ranks()
         except RuntimeError as e:
             raise SystemExit(f"export_hf: {e}")
-    os.makedirs(out, exist_ok=True)
     model = load_model(ckpt)[0]
-    cfg = model.cfg
+    try:
+        return write_folder(model, tok, ckpt_path, out, dtype, gpt2)
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise SystemExit(f"export_hf: could not write {out} ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}); it is incomplete: free space, then --overwrite")
+
+
+def write_folder(model, tok, ckpt_path, out, dtype, gpt2):
+    from safetensors.torch import save_file
+    name, cfg = tok.get("tokenizer"), model.cfg
+    os.makedirs(out, exist_ok=True)
 
     sd = to_hf_state_dict(model)
     if cfg.tie_embeddings:  # one tensor on disk; transformers ties lm_head to embed_tokens from tie_word_embeddings
@@ -167,7 +177,7 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     write_json(out, "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
                                                "do_sample": True, "temperature": 1.0})
 
-    if name == "gpt2":
+    if gpt2:
         write_gpt2_tokenizer(out, cfg.block_size, *gpt2)
         note = "GPT-2 tokenizer (tokenizer.json, vocab.json, merges.txt), checked against tiktoken"
     elif name and os.path.isfile(name):  # an HF tokenizer.json the data was prepared with
