@@ -48,7 +48,8 @@ def save_checkpoint(path, ckpt, copies=()):
 
 
 def remove_stale_temps(out_dir):
-    """Delete the *.tmp<pid> files a killed writer left in out_dir (a run owns its out_dir, so at start any is stale)."""
+    """Delete the *.pt.tmp<pid> files a killed writer left in out_dir (a run owns its out_dir: at start all are
+    stale). -> the names removed."""
     stale = [n for n in os.listdir(out_dir) if re.fullmatch(r".+\.pt\.tmp\d+", n)] if os.path.isdir(out_dir) else []
     for name in stale:
         os.remove(os.path.join(out_dir, name))
@@ -99,7 +100,8 @@ def check_tokenizer(ckpt, meta, source, data_dir):
     char tokenizers, character table (the ids would silently map to other characters)."""
     tok = ckpt.get("tokenizer") or {}
     if tok.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
-        raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']}, but {data_dir} uses {meta['tokenizer']}")
+        raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']}, but {data_dir} uses "
+                         f"{meta['tokenizer']}")
     if tok.get("vocab_size", meta["vocab_size"]) != meta["vocab_size"]:
         raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']} of vocab {tok['vocab_size']}, but "
                          f"{data_dir} has vocab {meta['vocab_size']}: prepare the data with the checkpoint's tokenizer")
@@ -199,7 +201,8 @@ def run_logger(out_dir, resume_step=None):
 # ---------------------------------------------------------------------------------------------
 # A transformers folder in the Qwen3 layout (export_hf.py writes one; small Qwen3 models on the Hub are
 # others) -> a checkpoint dict of the format above, so init_from can start from it. safetensors only.
-GPT2_TOKENIZER_SHA256 = "0fe5cf15f4554236dcaf74ee007f079a6a48b179f1c8c1ceaa18fb04c422264e"  # sha256 of GPT-2's vocab + merges, as below
+# sha256 of GPT-2's vocab + merges, hashed as _hf_tokenizer_entry does
+GPT2_TOKENIZER_SHA256 = "0fe5cf15f4554236dcaf74ee007f079a6a48b179f1c8c1ceaa18fb04c422264e"
 
 
 def _hf_tokenizer_entry(folder):
@@ -214,7 +217,8 @@ def _hf_tokenizer_entry(folder):
     with open(path, encoding="utf-8") as f:
         bpe = json.load(f)["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
-    digest = hashlib.sha256(json.dumps([sorted(bpe.get("vocab", {}).items()), merges], ensure_ascii=False).encode()).hexdigest()
+    text = json.dumps([sorted(bpe.get("vocab", {}).items()), merges], ensure_ascii=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()
     if digest == GPT2_TOKENIZER_SHA256:
         return {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}
     tok = hf_tokenizer(path)  # the vocab size and EOS that tokenizer.load_tokenizer will check against
@@ -240,8 +244,8 @@ def load_hf_folder(folder):
     rope = hc.get("rope_parameters") or {}
     scaling = hc.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", scaling.get("rope_type", scaling.get("type", "default"))))
-    problems = [f"{k}={hc.get(k)}" for k, ok in [("attention_bias", False), ("use_sliding_window", False), ("hidden_act", "silu")]
-                if hc.get(k, ok) != ok]
+    problems = [f"{k}={hc.get(k)}" for k, ok in [("attention_bias", False), ("use_sliding_window", False),
+                                                   ("hidden_act", "silu")] if hc.get(k, ok) != ok]
     if rope_type != "default":
         problems.append(f"rope type {rope_type!r} (RoPE scaling)")
     if set(hc.get("layer_types") or ["full_attention"]) != {"full_attention"}:
@@ -249,11 +253,12 @@ def load_hf_folder(folder):
     if problems:
         raise SystemExit(f"{folder}: {', '.join(problems)} has no equivalent in model.py; cannot load it")
     n_head = hc["num_attention_heads"]
-    cfg = GPTConfig(vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_embd=hc["hidden_size"], n_head=n_head,
-                    n_kv_head=hc.get("num_key_value_heads") or n_head, head_dim=hc.get("head_dim") or hc["hidden_size"] // n_head,
-                    mlp_hidden=hc["intermediate_size"], block_size=hc["max_position_embeddings"],
-                    rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))), norm_eps=hc.get("rms_norm_eps", 1e-6),
-                    tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
+    cfg = GPTConfig(vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_embd=hc["hidden_size"],
+                    n_head=n_head, n_kv_head=hc.get("num_key_value_heads") or n_head,
+                    head_dim=hc.get("head_dim") or hc["hidden_size"] // n_head, mlp_hidden=hc["intermediate_size"],
+                    block_size=hc["max_position_embeddings"],
+                    rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))),
+                    norm_eps=hc.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -275,15 +280,16 @@ def load_hf_folder(folder):
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     missing, unexpected = sorted(set(shapes) - set(sd) - optional), sorted(set(sd) - set(shapes))
     if missing or unexpected:
-        raise SystemExit(f"{folder}: weights do not match a Qwen3 model of its config.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise SystemExit(f"{folder}: weights do not match a Qwen3 model of its config.json: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
     bad = [k for k, v in sd.items() if v.shape != shapes[k]]
     if bad:
         raise SystemExit(f"{folder}: weight shapes disagree with config.json: {bad[:4]}")
     state = {k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()}  # fp32 master weights, as train.py keeps
 
     ckpt = {"model_config": asdict(cfg), "model": state, "optimizer": None, "step": 0, "tokens_seen": 0,
-            "data_state": None, "rng": None, "config": {"init_from": os.path.abspath(folder)}, "best_val_loss": float("inf"),
-            "kind": "hf"}
+            "data_state": None, "rng": None, "config": {"init_from": os.path.abspath(folder)},
+            "best_val_loss": float("inf"), "kind": "hf"}
     tok = _hf_tokenizer_entry(folder)
     if tok is not None:  # no key at all when the folder has no tokenizer: the data's tokenizer decides
         ckpt["tokenizer"] = tok

@@ -51,7 +51,7 @@ def gpt2_ranks():
 def bytes_to_unicode():
     """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py): vocab.json and
     tokenizer.json spell tokens in these characters, e.g. a space is 'Ġ'."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -95,7 +95,8 @@ def write_gpt2_tokenizer(folder, model_max_length, ranks, enc):
         "normalizer": None, "pre_tokenizer": byte_level, "post_processor": {**byte_level, "trim_offsets": False},
         "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": merges}}
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                  "merges": merges}}
     write_json(folder, "tokenizer.json", tokenizer_json)
     write_json(folder, "vocab.json", vocab)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
@@ -112,12 +113,14 @@ def check_tokenizer(folder, enc):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        print("note: the tokenizers package is not installed, so the written tokenizer was not checked against tiktoken")
+        print("note: the tokenizers package is not installed, so the written tokenizer was not checked against "
+              "tiktoken")
         return
     got = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).encode(TOKENIZER_CHECK_TEXT).ids
     want = enc.encode_ordinary(TOKENIZER_CHECK_TEXT)
     if got != want:
-        raise SystemExit(f"export_hf: the written tokenizer.json disagrees with tiktoken ({got[:12]} vs {want[:12]}); not exporting it")
+        raise SystemExit(f"export_hf: the written tokenizer.json disagrees with tiktoken ({got[:12]} vs {want[:12]}); "
+                         "not exporting it")
 
 
 def write_json(folder, name, obj):
@@ -184,11 +187,12 @@ def write_folder(model, tok, ckpt_path, out, dtype, gpt2):
         shutil.copyfile(name, os.path.join(out, "tokenizer.json"))
         with open(name, encoding="utf-8") as f:  # EOS by its text, so transformers' tokenizer knows it too
             eos = next((t["content"] for t in json.load(f).get("added_tokens", []) if t["id"] == eos_id), None)
-        write_json(out, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
-                                                  "model_max_length": cfg.block_size})
+        write_json(out, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                                                  "bos_token": eos, "model_max_length": cfg.block_size})
         note = f"tokenizer.json copied from {name}"
     elif name == "char":
-        note = "NO tokenizer files: a char-level vocabulary has no transformers tokenizer; ids are positions in ckpt['tokenizer']['chars']"
+        note = ("NO tokenizer files: a char-level vocabulary has no transformers tokenizer; ids are positions in "
+                "ckpt['tokenizer']['chars']")
     else:
         note = f"NO tokenizer files: tokenizer {name!r} not found; copy its tokenizer.json into {out} by hand"
     n_params = sum(v.numel() for v in sd.values())
@@ -198,10 +202,12 @@ def write_folder(model, tok, ckpt_path, out, dtype, gpt2):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py or grpo.py")
     p.add_argument("--out", required=True, help="folder to write (transformers layout)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights on disk; float32 is exact, bfloat16 half the size")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights on disk; float32 is exact, bfloat16 half the size")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     a = p.parse_args()
     export(a.ckpt, a.out, a.dtype, a.overwrite)

@@ -74,7 +74,7 @@ max_failed_saves = 3  # checkpoint writes failing in a row (disk full) before st
 device = "auto"  # "auto" | "cpu" | "cuda"
 dtype = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
 compile = False
-parallel = "ddp"  # several GPUs: "ddp" (a full replica per GPU) | "fsdp" (FSDP2 fully_shard: parameters, grads, optimizer sharded)
+parallel = "ddp"  # several GPUs: "ddp" (a replica per GPU) | "fsdp" (FSDP2: parameters, grads, optimizer sharded)
 seed = 1337
 # ------------------------------------------------------------------------------------------------
 PEAK_FLOPS = 989e12  # dense bf16 datasheet peak of H100 and H200: the MFU convention of README.md
@@ -106,7 +106,8 @@ class Batches:
             if not os.path.isfile(file):
                 raise SystemExit(f"dataset {path} is incomplete: {file} is missing; rerun prepare_data.py")
             if os.path.getsize(file) % self.dtype.itemsize:
-                raise SystemExit(f"{file} is not a whole number of {self.dtype} tokens: meta.json's dtype does not match the data")
+                raise SystemExit(f"{file} is not a whole number of {self.dtype} tokens: meta.json's dtype does not "
+                                 "match the data")
             self.shards.append(np.memmap(file, dtype=self.dtype, mode="r"))
         self.sizes = np.array([len(s) for s in self.shards], dtype=np.float64)
         self.rng = np.random.default_rng([seed, rank])
@@ -119,7 +120,8 @@ class Batches:
 
     def next(self, batch, length, device):
         if self.sizes.max() < length + 1:
-            raise SystemExit(f"the data ({int(self.sizes.max())} tokens in its largest shard) is shorter than block_size + 1 = {length + 1}")
+            raise SystemExit(f"the data ({int(self.sizes.max())} tokens in its largest shard) is shorter than "
+                             f"block_size + 1 = {length + 1}")
         ok = self.sizes >= length + 1
         shard_ids = self.rng.choice(len(self.shards), size=batch, p=ok * self.sizes / (ok * self.sizes).sum())
         rows = []
@@ -211,8 +213,11 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
         ok = save_checkpoint(path, ckpt, [os.path.join(out_dir, n) for n in names])  # warns when it fails
         if ok:
             old = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f))
-            for name in old[:len(old) - keep_checkpoints]:
-                os.remove(os.path.join(out_dir, name))
+            try:
+                for name in old[:len(old) - keep_checkpoints]:
+                    os.remove(os.path.join(out_dir, name))
+            except OSError as e:  # an old copy left behind costs disk, not the run
+                log0(f"WARNING: could not remove an old checkpoint ({e})")
             log0(f"saved checkpoint at step {step} to {path}")
     if WORLD > 1:
         flag = torch.tensor([float(ok)], device=dev)
@@ -262,8 +267,9 @@ if __name__ == "__main__":
             source = init_from
             own = re.fullmatch(r"ckpt(_\d+)?\.pt|best\.pt", os.path.basename(init_from))
             if own and os.path.realpath(os.path.dirname(os.path.abspath(init_from))) == os.path.realpath(out_dir):
-                raise SystemExit(f"--init_from={init_from} is in out_dir, where this run's checkpoints would overwrite or "
-                                 f"delete it: --init_from=resume continues that run; or start from it in another out_dir")
+                raise SystemExit(f"--init_from={init_from} is in out_dir, where this run's checkpoints would overwrite "
+                                 "or delete it: --init_from=resume continues that run; or start from it in another "
+                                 "out_dir")
             ckpt = load_hf_folder(init_from) if os.path.isdir(init_from) else load_checkpoint(init_from)
         check_tokenizer(ckpt, meta, source, data_dir)
         ran = ckpt.get("config") or {}
@@ -292,6 +298,7 @@ if __name__ == "__main__":
         strict = not (model_overrides.get("dsa_top_k") and not ckpt["model_config"].get("dsa_top_k"))
         raw_model = load_model(ckpt, "cpu", strict, name=source,
                                **{**model_overrides, "checkpoint_activations": checkpoint_activations})[0]
+    cfg = raw_model.cfg
     if trainable != "all":
         for name, p in raw_model.named_parameters():
             p.requires_grad = trainable in name
@@ -326,17 +333,19 @@ if __name__ == "__main__":
     tokens_per_step = micro_batch * block_size * grad_accum * WORLD
     for until, stage_block, stage_batch in curriculum:
         if tokens_per_step % (stage_block * stage_batch * WORLD):
-            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide {tokens_per_step} tokens per step")
+            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide "
+                             f"{tokens_per_step} tokens per step")
     # steps left from the tokens left: a run resumed with another batch or GPU count still stops at max_tokens
     max_steps = start_step + max(0, math.ceil((max_tokens - tokens_seen) / tokens_per_step))
     if RANK == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**config, "model_config": asdict(raw_model.cfg)}, f, indent=1)
+            json.dump({**config, "model_config": asdict(cfg)}, f, indent=1)
         log0(json.dumps(config, indent=1))
         log0(f"switches: ATTENTION={M.ATTENTION} PRECISION={M.PRECISION} RESIDUAL={M.RESIDUAL} dtype={dtype} compile={compile} device={dev} world={WORLD}")
-        log0(f"model: {raw_model.num_params():,} parameters ({raw_model.matmul_params():,} in matmuls), {asdict(raw_model.cfg)}")
-        log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, {max_steps:,} steps")
+        log0(f"model: {raw_model.num_params():,} parameters ({raw_model.matmul_params():,} in matmuls), {asdict(cfg)}")
+        log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, "
+             f"{max_steps:,} steps")
 
     if eval_only:
         if not val_sets:
@@ -346,7 +355,8 @@ if __name__ == "__main__":
 
     # ---- training loop ----
     stop_signal = stop_signals()  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
-    log_record = run_logger(out_dir, start_step if init_from == "resume" else None) if RANK == 0 else (lambda record: None)
+    resume_step = start_step if init_from == "resume" else None  # the log keeps the lines up to it
+    log_record = run_logger(out_dir, resume_step) if RANK == 0 else (lambda record: None)
 
     step, bad_steps, failed_saves, t_start, data_s = start_step, 0, 0, time.time(), 0.0
     t_last, tokens_last = time.time(), tokens_seen
@@ -381,11 +391,13 @@ if __name__ == "__main__":
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):  # skip the update, keep the weights
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
-            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm}: update skipped ({bad_steps} in a row)")
+            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm}: update skipped "
+                 f"({bad_steps} in a row)")
             log_record({"step": step, "skipped": 1, "loss": loss_val})
             if bad_steps >= max_bad_steps:
                 write_checkpoint(step, tokens_seen, best_val_loss)
-                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last good weights are in {out_dir}/ckpt.pt")
+                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last good weights are in "
+                                 f"{out_dir}/ckpt.pt")
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -402,13 +414,15 @@ if __name__ == "__main__":
             # host time in the loader over wall time: an upper bound on how long the GPU could have waited for data
             data_share = data_s / (now - t_last)
             log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm:.3f} | "
-                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
-            parts = {f"loss_{k}": v.item() for k, v in getattr(raw_model, "last_losses", {}).items()}  # DSA: lm, indexer
+                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | "
+                 f"ETA {eta / 60:.1f} min")
+            # DSA reports its lm and indexer losses apart
+            parts = {f"loss_{k}": v.item() for k, v in getattr(raw_model, "last_losses", {}).items()}
             if parts:
                 log0("    " + " | ".join(f"{k} {v:.4f}" for k, v in parts.items()))
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm,
-                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start,
-                        "data_share": data_share, **parts})
+                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block,
+                        "time": now - t_start, "data_share": data_share, **parts})
             t_last, tokens_last, data_s = now, tokens_seen, 0.0
         else:
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm})
@@ -422,7 +436,8 @@ if __name__ == "__main__":
             t_eval = time.time()
             results = evaluate(model, val_sets)
             print_eval(results, step)
-            log_record({"step": step, "tokens": tokens_seen, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}})
+            log_record({"step": step, "tokens": tokens_seen,
+                        **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}})
             is_best = "val" in results and results["val"]["loss"] < best_val_loss
             best_val_loss = min(best_val_loss, results.get("val", {"loss": best_val_loss})["loss"])
             t_last += time.time() - t_eval  # tokens/s counts training time only
@@ -430,7 +445,8 @@ if __name__ == "__main__":
             failed_saves = 0 if write_checkpoint(step, tokens_seen, best_val_loss, is_best) else failed_saves + 1
             if max_failed_saves and failed_saves >= max_failed_saves:
                 raise SystemExit(f"stopping at step {step}: {failed_saves} checkpoint writes in a row failed (disk "
-                                 f"full?); the last good checkpoint is in {out_dir}; free space, then --init_from=resume")
+                                 f"full?); the last good checkpoint is in {out_dir}; free space, then "
+                                 "--init_from=resume")
         if stopping:
             log0(f"stopped by signal after step {step}; resume with --init_from=resume")
             break

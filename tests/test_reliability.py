@@ -36,6 +36,10 @@ def data(tmp_path):
     return tmp_path
 
 
+def last_line(p):
+    return p.stderr.strip().splitlines()[-1]
+
+
 def run_failing_saves(data, fail, *args):
     cmd = [sys.executable, "-c", FAILING_SAVE, f"--data_dir={data / 'data'}", "--block_size=32", "--micro_batch=4",
            "--warmup_tokens=256", "--log_every_steps=5", "--eval_every_steps=0", "--checkpoint_every_steps=2", *args]
@@ -47,8 +51,8 @@ def test_full_disk_warns_keeps_training_then_stops_after_max_failed_saves(data):
     out = data / "full"
     p = run_failing_saves(data, [2, 3, 4, 5], f"--out_dir={out}", "--max_tokens=2560")  # 20 steps, a save every 2
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1] == (f"stopping at step 8: 3 checkpoint writes in a row failed (disk full?); "
-                                                 f"the last good checkpoint is in {out}; free space, then --init_from=resume")
+    assert last_line(p) == (f"stopping at step 8: 3 checkpoint writes in a row failed (disk full?); "
+                            f"the last good checkpoint is in {out}; free space, then --init_from=resume")
     warnings = [line for line in p.stdout.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 3 and all("RuntimeError: [enforce fail at inline_container.cc:672]" in w for w in warnings)
     assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2  # the good one, whole
@@ -66,7 +70,7 @@ def test_save_failures_below_the_limit_keep_going(data, fail, rc, step):
     assert p.stdout.count("WARNING: could not write") == len(fail)
     assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == step
     if rc:
-        assert p.stderr.strip().splitlines()[-1] == f"the last checkpoint could not be written; the newest good one is in {out}"
+        assert last_line(p) == f"the last checkpoint could not be written; the newest good one is in {out}"
 
 
 @pytest.mark.parametrize("where", ["weights", "config"])
@@ -98,7 +102,8 @@ def test_checkpoints_are_separate_files_and_resume_falls_back_past_a_corrupt_one
     run(data, f"--out_dir={out}", "--max_tokens=1920", "--checkpoint_every_steps=5", "--eval_every_steps=5",
         "--eval_tokens=256")  # 15 steps: ckpt_0000010.pt, ckpt_0000015.pt, ckpt.pt, best.pt
     names = ["ckpt.pt", "ckpt_0000010.pt", "ckpt_0000015.pt", "best.pt"]
-    assert sorted(os.listdir(out)) == sorted(names + ["config.json", "log.jsonl"] + (["tb"] if os.path.isdir(out / "tb") else []))
+    tb = ["tb"] if os.path.isdir(out / "tb") else []
+    assert sorted(os.listdir(out)) == sorted(names + ["config.json", "log.jsonl"] + tb)
     assert len({os.stat(out / n).st_ino for n in names}) == 4 and all(os.stat(out / n).st_nlink == 1 for n in names)
     blob = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(blob[: len(blob) // 3])
@@ -118,12 +123,12 @@ def test_resume_with_no_loadable_checkpoint_is_one_line(data):
     (out / "ckpt.pt").write_bytes(b"")
     (out / "ckpt_0000005.pt").write_bytes(b"junk")
     p = run(data, f"--out_dir={out}", "--init_from=resume", check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode != 0 and last.startswith(f"no checkpoint in {out} loads: cannot read checkpoint {out / 'ckpt.pt'}")
+    last = last_line(p)
+    assert p.returncode != 0 and last.startswith(f"no checkpoint in {out} loads: cannot read checkpoint {out}/ckpt.pt")
     assert f"cannot read checkpoint {out / 'ckpt_0000005.pt'}" in last
     p = run(data, f"--out_dir={data / 'empty'}", "--init_from=resume", check=False)
-    assert p.stderr.strip().splitlines()[-1] == (f"nothing to resume: {data / 'empty'} has no ckpt.pt or ckpt_<step>.pt; "
-                                                 "start with --init_from=scratch")
+    assert last_line(p) == (f"nothing to resume: {data / 'empty'} has no ckpt.pt or ckpt_<step>.pt; "
+                            "start with --init_from=scratch")
 
 
 def test_init_from_a_checkpoint_in_its_own_out_dir_is_refused(data):
@@ -132,7 +137,7 @@ def test_init_from_a_checkpoint_in_its_own_out_dir_is_refused(data):
     for name in ["ckpt_0000005.pt", "best.pt", "ckpt.pt"]:
         p = run(data, f"--out_dir={out}", f"--init_from={out / name}", "--max_tokens=1280", check=False)
         assert p.returncode != 0
-        assert p.stderr.strip().splitlines()[-1] == (
+        assert last_line(p) == (
             f"--init_from={out / name} is in out_dir, where this run's checkpoints would overwrite or delete it: "
             "--init_from=resume continues that run; or start from it in another out_dir")
     assert checkpoint.load_checkpoint(str(out / "ckpt_0000005.pt"))["step"] == 5  # untouched
@@ -143,7 +148,8 @@ def test_zero_byte_checkpoint_is_one_line_naming_it(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(SystemExit) as e:
         checkpoint.load_checkpoint(str(path))
-    assert str(e.value).startswith(f"cannot read checkpoint {path}: it is truncated, corrupt") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"cannot read checkpoint {path}: it is truncated, corrupt")
+    assert "\n" not in str(e.value)
 
 
 def test_killed_run_resumes_without_repeated_log_steps_or_stale_temp_files(data):
@@ -170,29 +176,28 @@ def test_resume_refuses_data_with_another_character_table(data, tmp_path_factory
     json.dump(meta, open(other / "data" / "meta.json", "w"))
     p = run(other, f"--out_dir={data / 'c'}", "--init_from=resume", "--max_tokens=1280", check=False)
     assert p.returncode != 0
-    assert p.stderr.strip().splitlines()[-1].startswith(
+    assert last_line(p).startswith(
         f"{data / 'c' / 'ckpt.pt'} was trained on another character table than {other / 'data'} (the same characters "
         "in another order): its ids would mean other characters")
     meta["chars"], meta["vocab_size"] = meta["chars"][::-1] + ["#"], meta["vocab_size"] + 1
     json.dump(meta, open(other / "data" / "meta.json", "w"))
     p = run(other, f"--out_dir={data / 'c'}", "--init_from=resume", "--max_tokens=1280", check=False)
-    assert p.stderr.strip().splitlines()[-1] == (f"{data / 'c' / 'ckpt.pt'} was trained with tokenizer char of vocab 16, "
-                                                 f"but {other / 'data'} has vocab 17: prepare the data with the "
-                                                 "checkpoint's tokenizer")
+    assert last_line(p) == (f"{data / 'c' / 'ckpt.pt'} was trained with tokenizer char of vocab 16, "
+                            f"but {other / 'data'} has vocab 17: prepare the data with the checkpoint's tokenizer")
 
 
 def test_resume_refuses_other_model_keys_and_records_the_checkpoints(data):
     out = data / "m"
     run(data, f"--out_dir={out}", "--max_tokens=640", "--preset=debug", "--model_overrides={'dropout': 0.1}")
     p = run(data, f"--out_dir={out}", "--init_from=resume", "--max_tokens=1280", "--preset=tiny", check=False)
-    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1] == (
+    assert p.returncode != 0 and last_line(p) == (
         f"preset 'tiny' is not {out / 'ckpt.pt'}'s ('debug'): the model comes from the checkpoint; drop --preset to "
         "resume, or use another out_dir")
     p = run(data, f"--out_dir={out}", "--init_from=resume", "--max_tokens=1280", "--model_overrides={'dropout': 0.0}",
             check=False)
-    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1] == (
-        f"model_overrides {{'dropout': 0.0}} differ from {out / 'ckpt.pt'}'s model; a resumed run continues that model: "
-        f"drop them, or start from it with --init_from={out / 'ckpt.pt'} and another out_dir")
+    assert p.returncode != 0 and last_line(p) == (
+        f"model_overrides {{'dropout': 0.0}} differ from {out / 'ckpt.pt'}'s model; a resumed run continues that "
+        f"model: drop them, or start from it with --init_from={out / 'ckpt.pt'} and another out_dir")
     run(data, f"--out_dir={out}", "--init_from=resume", "--max_tokens=1280")  # no model keys given: resumes
     ran = json.load(open(out / "config.json"))
     assert ran["model_overrides"] == {"dropout": 0.1} and ran["preset"] == "debug" and ran["init_from"] == "resume"
