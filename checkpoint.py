@@ -75,8 +75,8 @@ def load_checkpoint(path, map_location="cpu"):
 def latest_checkpoint(out_dir, map_location="cpu"):
     """The newest checkpoint in out_dir that loads: ckpt.pt, else ckpt_<step>.pt newest first (says which it took).
     -> (path, checkpoint dict)."""
-    rotated = sorted((n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", n)), reverse=True) \
-        if os.path.isdir(out_dir) else []
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    rotated = sorted((n for n in names if re.fullmatch(r"ckpt_\d+\.pt", n)), key=lambda n: -int(n[5:-3]))
     candidates = [os.path.join(out_dir, n) for n in ["ckpt.pt"] + rotated]
     failed = []
     for path in candidates:

@@ -212,7 +212,8 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
         names = [f"ckpt_{step:07d}.pt"] * (keep_checkpoints > 0) + ["best.pt"] * is_best
         ok = save_checkpoint(path, ckpt, [os.path.join(out_dir, n) for n in names])  # warns when it fails
         if ok:
-            old = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f))
+            old = [f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f)]
+            old.sort(key=lambda f: int(f[5:-3]))  # by step: past 9,999,999 the names grow a digit
             try:
                 for name in old[:len(old) - keep_checkpoints]:
                     os.remove(os.path.join(out_dir, name))
@@ -228,7 +229,7 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
 
 # ------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    defaults = {"preset": preset, "model_overrides": model_overrides}  # to tell what a resumed run was given
+    _defaults = {"preset": preset, "model_overrides": model_overrides}  # not a config key: what a resume was given
     config = configure(globals())
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
@@ -273,7 +274,7 @@ if __name__ == "__main__":
             ckpt = load_hf_folder(init_from) if os.path.isdir(init_from) else load_checkpoint(init_from)
         check_tokenizer(ckpt, meta, source, data_dir)
         ran = ckpt.get("config") or {}
-        if preset != defaults["preset"] and preset != ran.get("preset", preset):
+        if preset != _defaults["preset"] and preset != ran.get("preset", preset):
             message = f"preset {preset!r} is not {source}'s ({ran['preset']!r}): the model comes from the checkpoint"
             if init_from == "resume":
                 raise SystemExit(f"{message}; drop --preset to resume, or use another out_dir")

@@ -117,6 +117,14 @@ def test_checkpoints_are_separate_files_and_resume_falls_back_past_a_corrupt_one
     assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 20
 
 
+def test_latest_checkpoint_takes_the_highest_step_when_ckpt_pt_is_missing(tmp_path, capsys):
+    for step in [9_999_999, 10_000_000, 999]:
+        checkpoint.save_checkpoint(str(tmp_path / f"ckpt_{step:07d}.pt"), {"model": {}, "model_config": {}, "step": step})
+    path, ckpt = checkpoint.latest_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / "ckpt_10000000.pt") and ckpt["step"] == 10_000_000
+    assert capsys.readouterr().out == ""  # nothing failed to load: no warning
+
+
 def test_resume_with_no_loadable_checkpoint_is_one_line(data):
     out = data / "none"
     os.makedirs(out)
@@ -201,6 +209,7 @@ def test_resume_refuses_other_model_keys_and_records_the_checkpoints(data):
     run(data, f"--out_dir={out}", "--init_from=resume", "--max_tokens=1280")  # no model keys given: resumes
     ran = json.load(open(out / "config.json"))
     assert ran["model_overrides"] == {"dropout": 0.1} and ran["preset"] == "debug" and ran["init_from"] == "resume"
+    assert "_defaults" not in ran and "defaults" not in ran
     assert ran["model_config"]["dropout"] == 0.1 and ran["model_config"]["vocab_size"] == 64
     assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["config"]["model_overrides"] == {"dropout": 0.1}
 
