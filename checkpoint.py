@@ -7,6 +7,8 @@ share: device and autocast, seeds, RNG state, stop signals, the JSON-lines log.
 """
 import json
 import os
+import re
+import shutil
 import signal
 from contextlib import nullcontext
 
@@ -15,25 +17,45 @@ import torch
 from model import GPT, GPTConfig
 
 
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file, fsync, then rename: a crash or a full disk never leaves a half-written
-    file in place of a good one. Returns True when written; on failure prints one warning and returns False."""
+def save_checkpoint(path, ckpt, copies=()):
+    """Write to a temporary file, fsync, then rename: a crash or a full disk never leaves a half-written file in place
+    of a good one. copies: more paths that get their own file (not a hard link, so one bad block spoils one copy).
+    Returns True when all are written; on failure prints one warning and returns False."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    done, target = [], path
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for target in [path, *copies]:
+            tmp = f"{target}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                if target == path:
+                    torch.save(ckpt, f)
+                else:  # a byte copy of path: serialized once
+                    with open(path, "rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 24)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            done.append(target)
         return True
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
-        print(f"WARNING: could not write {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-              "the previous checkpoint is intact", flush=True)
+        kept = f"{path} is written" if done else "the previous checkpoint is intact"
+        print(f"WARNING: could not write {target} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+              f"{kept}", flush=True)
         return False
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(f"{target}.tmp{os.getpid()}"):
+            os.remove(f"{target}.tmp{os.getpid()}")
+
+
+def remove_stale_temps(out_dir):
+    """Delete the *.pt.tmp<pid> files a killed writer left in out_dir (a run owns its out_dir: at start all are
+    stale). -> the names removed."""
+    stale = [n for n in os.listdir(out_dir) if re.fullmatch(r".+\.pt\.tmp\d+", n)] if os.path.isdir(out_dir) else []
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    if stale:
+        print(f"removed {len(stale)} unfinished checkpoint file(s) a killed run left in {out_dir}: {', '.join(stale)}")
+    return stale
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -50,12 +72,52 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def load_model(source, device="cpu", strict=True, **overrides):
-    """The one model loader: source is a checkpoint path, a Qwen3-layout folder or an already loaded checkpoint dict;
-    overrides replace GPTConfig fields (e.g. dropout=0.0). strict=False lets only DSA indexer weights be missing
-    (a dense checkpoint starting DSA). -> (model on device, checkpoint dict)."""
+def latest_checkpoint(out_dir, map_location="cpu"):
+    """The newest checkpoint in out_dir that loads: ckpt.pt, else ckpt_<step>.pt newest first (says which it took).
+    -> (path, checkpoint dict)."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    rotated = sorted((n for n in names if re.fullmatch(r"ckpt_\d+\.pt", n)), key=lambda n: -int(n[5:-3]))
+    candidates = [os.path.join(out_dir, n) for n in ["ckpt.pt"] + rotated]
+    failed = []
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            ckpt = load_checkpoint(path, map_location)
+        except SystemExit as e:
+            failed.append(str(e))
+            continue
+        if failed:
+            print(f"WARNING: {failed[0]}; resuming from {path} (step {ckpt.get('step')}) instead", flush=True)
+        return path, ckpt
+    if failed:
+        raise SystemExit(f"no checkpoint in {out_dir} loads: {' | '.join(failed)}")
+    raise SystemExit(f"nothing to resume: {out_dir} has no ckpt.pt or ckpt_<step>.pt; start with --init_from=scratch")
+
+
+def check_tokenizer(ckpt, meta, source, data_dir):
+    """Refuse data whose token ids mean something else than the checkpoint's: another tokenizer, vocab size or, for
+    char tokenizers, character table (the ids would silently map to other characters)."""
+    tok = ckpt.get("tokenizer") or {}
+    if tok.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+        raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']}, but {data_dir} uses "
+                         f"{meta['tokenizer']}")
+    if tok.get("vocab_size", meta["vocab_size"]) != meta["vocab_size"]:
+        raise SystemExit(f"{source} was trained with tokenizer {tok['tokenizer']} of vocab {tok['vocab_size']}, but "
+                         f"{data_dir} has vocab {meta['vocab_size']}: prepare the data with the checkpoint's tokenizer")
+    if "chars" in tok and "chars" in meta and tok["chars"] != meta["chars"]:
+        diff = "".join(sorted(set(tok["chars"]) ^ set(meta["chars"])))
+        how = f"characters in one only: {diff[:40]!r}" if diff else "the same characters in another order"
+        raise SystemExit(f"{source} was trained on another character table than {data_dir} ({how}): its ids would "
+                         "mean other characters; prepare the data with the checkpoint's characters")
+
+
+def load_model(source, device="cpu", strict=True, name=None, **overrides):
+    """The one model loader: source is a checkpoint path, a Qwen3-layout folder or an already loaded checkpoint dict
+    (name: where it came from, for errors); overrides replace GPTConfig fields (e.g. dropout=0.0). strict=False lets
+    only DSA indexer weights be missing (a dense checkpoint starting DSA). -> (model on device, checkpoint dict)."""
     if isinstance(source, dict):
-        ckpt, name = source, "the checkpoint"
+        ckpt, name = source, name or "the checkpoint"
     else:
         ckpt, name = (load_hf_folder(source) if os.path.isdir(source) else load_checkpoint(source)), source
     model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
@@ -139,7 +201,8 @@ def run_logger(out_dir, resume_step=None):
 # ---------------------------------------------------------------------------------------------
 # A transformers folder in the Qwen3 layout (export_hf.py writes one; small Qwen3 models on the Hub are
 # others) -> a checkpoint dict of the format above, so init_from can start from it. safetensors only.
-GPT2_TOKENIZER_SHA256 = "0fe5cf15f4554236dcaf74ee007f079a6a48b179f1c8c1ceaa18fb04c422264e"  # sha256 of GPT-2's vocab + merges, as below
+# sha256 of GPT-2's vocab + merges, hashed as _hf_tokenizer_entry does
+GPT2_TOKENIZER_SHA256 = "0fe5cf15f4554236dcaf74ee007f079a6a48b179f1c8c1ceaa18fb04c422264e"
 
 
 def _hf_tokenizer_entry(folder):
@@ -154,7 +217,8 @@ def _hf_tokenizer_entry(folder):
     with open(path, encoding="utf-8") as f:
         bpe = json.load(f)["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
-    digest = hashlib.sha256(json.dumps([sorted(bpe.get("vocab", {}).items()), merges], ensure_ascii=False).encode()).hexdigest()
+    text = json.dumps([sorted(bpe.get("vocab", {}).items()), merges], ensure_ascii=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()
     if digest == GPT2_TOKENIZER_SHA256:
         return {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}
     tok = hf_tokenizer(path)  # the vocab size and EOS that tokenizer.load_tokenizer will check against
@@ -180,8 +244,8 @@ def load_hf_folder(folder):
     rope = hc.get("rope_parameters") or {}
     scaling = hc.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", scaling.get("rope_type", scaling.get("type", "default"))))
-    problems = [f"{k}={hc.get(k)}" for k, ok in [("attention_bias", False), ("use_sliding_window", False), ("hidden_act", "silu")]
-                if hc.get(k, ok) != ok]
+    problems = [f"{k}={hc.get(k)}" for k, ok in [("attention_bias", False), ("use_sliding_window", False),
+                                                   ("hidden_act", "silu")] if hc.get(k, ok) != ok]
     if rope_type != "default":
         problems.append(f"rope type {rope_type!r} (RoPE scaling)")
     if set(hc.get("layer_types") or ["full_attention"]) != {"full_attention"}:
@@ -189,11 +253,12 @@ def load_hf_folder(folder):
     if problems:
         raise SystemExit(f"{folder}: {', '.join(problems)} has no equivalent in model.py; cannot load it")
     n_head = hc["num_attention_heads"]
-    cfg = GPTConfig(vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_embd=hc["hidden_size"], n_head=n_head,
-                    n_kv_head=hc.get("num_key_value_heads") or n_head, head_dim=hc.get("head_dim") or hc["hidden_size"] // n_head,
-                    mlp_hidden=hc["intermediate_size"], block_size=hc["max_position_embeddings"],
-                    rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))), norm_eps=hc.get("rms_norm_eps", 1e-6),
-                    tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
+    cfg = GPTConfig(vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_embd=hc["hidden_size"],
+                    n_head=n_head, n_kv_head=hc.get("num_key_value_heads") or n_head,
+                    head_dim=hc.get("head_dim") or hc["hidden_size"] // n_head, mlp_hidden=hc["intermediate_size"],
+                    block_size=hc["max_position_embeddings"],
+                    rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))),
+                    norm_eps=hc.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -215,15 +280,16 @@ def load_hf_folder(folder):
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     missing, unexpected = sorted(set(shapes) - set(sd) - optional), sorted(set(sd) - set(shapes))
     if missing or unexpected:
-        raise SystemExit(f"{folder}: weights do not match a Qwen3 model of its config.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise SystemExit(f"{folder}: weights do not match a Qwen3 model of its config.json: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
     bad = [k for k, v in sd.items() if v.shape != shapes[k]]
     if bad:
         raise SystemExit(f"{folder}: weight shapes disagree with config.json: {bad[:4]}")
     state = {k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()}  # fp32 master weights, as train.py keeps
 
     ckpt = {"model_config": asdict(cfg), "model": state, "optimizer": None, "step": 0, "tokens_seen": 0,
-            "data_state": None, "rng": None, "config": {"init_from": os.path.abspath(folder)}, "best_val_loss": float("inf"),
-            "kind": "hf"}
+            "data_state": None, "rng": None, "config": {"init_from": os.path.abspath(folder)},
+            "best_val_loss": float("inf"), "kind": "hf"}
     tok = _hf_tokenizer_entry(folder)
     if tok is not None:  # no key at all when the folder has no tokenizer: the data's tokenizer decides
         ckpt["tokenizer"] = tok

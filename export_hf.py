@@ -51,7 +51,7 @@ def gpt2_ranks():
 def bytes_to_unicode():
     """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py): vocab.json and
     tokenizer.json spell tokens in these characters, e.g. a space is 'Ġ'."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -95,7 +95,8 @@ def write_gpt2_tokenizer(folder, model_max_length, ranks, enc):
         "normalizer": None, "pre_tokenizer": byte_level, "post_processor": {**byte_level, "trim_offsets": False},
         "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": merges}}
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                  "merges": merges}}
     write_json(folder, "tokenizer.json", tokenizer_json)
     write_json(folder, "vocab.json", vocab)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
@@ -112,12 +113,14 @@ def check_tokenizer(folder, enc):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        print("note: the tokenizers package is not installed, so the written tokenizer was not checked against tiktoken")
+        print("note: the tokenizers package is not installed, so the written tokenizer was not checked against "
+              "tiktoken")
         return
     got = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).encode(TOKENIZER_CHECK_TEXT).ids
     want = enc.encode_ordinary(TOKENIZER_CHECK_TEXT)
     if got != want:
-        raise SystemExit(f"export_hf: the written tokenizer.json disagrees with tiktoken ({got[:12]} vs {want[:12]}); not exporting it")
+        raise SystemExit(f"export_hf: the written tokenizer.json disagrees with tiktoken ({got[:12]} vs {want[:12]}); "
+                         "not exporting it")
 
 
 def write_json(folder, name, obj):
@@ -127,7 +130,8 @@ def write_json(folder, name, obj):
 
 
 def export(ckpt_path, out, dtype="float32", overwrite=False):
-    from safetensors.torch import save_file
+    """Check, then write the folder; a failed write (a full disk) is one line naming the incomplete folder."""
+    from safetensors import SafetensorError
     ckpt = load_checkpoint(ckpt_path)
     reason = refuse_reason(ckpt)
     if reason:
@@ -138,15 +142,24 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise SystemExit(f"export_hf: {out} exists and is not empty; pass --overwrite or choose another --out")
     tok = ckpt.get("tokenizer") or {}
-    name = tok.get("tokenizer")
-    if name == "gpt2":  # before writing anything: offline without TIKTOKEN_GPT2_FILE this is where it stops
+    gpt2 = None
+    if tok.get("tokenizer") == "gpt2":  # before writing anything: offline without TIKTOKEN_GPT2_FILE it stops here
         try:
             gpt2 = gpt2_ranks()
         except RuntimeError as e:
             raise SystemExit(f"export_hf: {e}")
-    os.makedirs(out, exist_ok=True)
     model = load_model(ckpt)[0]
-    cfg = model.cfg
+    try:
+        return write_folder(model, tok, ckpt_path, out, dtype, gpt2)
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise SystemExit(f"export_hf: could not write {out} ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}); it is incomplete: free space, then --overwrite")
+
+
+def write_folder(model, tok, ckpt_path, out, dtype, gpt2):
+    from safetensors.torch import save_file
+    name, cfg = tok.get("tokenizer"), model.cfg
+    os.makedirs(out, exist_ok=True)
 
     sd = to_hf_state_dict(model)
     if cfg.tie_embeddings:  # one tensor on disk; transformers ties lm_head to embed_tokens from tie_word_embeddings
@@ -167,18 +180,19 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     write_json(out, "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
                                                "do_sample": True, "temperature": 1.0})
 
-    if name == "gpt2":
+    if gpt2:
         write_gpt2_tokenizer(out, cfg.block_size, *gpt2)
         note = "GPT-2 tokenizer (tokenizer.json, vocab.json, merges.txt), checked against tiktoken"
     elif name and os.path.isfile(name):  # an HF tokenizer.json the data was prepared with
         shutil.copyfile(name, os.path.join(out, "tokenizer.json"))
         with open(name, encoding="utf-8") as f:  # EOS by its text, so transformers' tokenizer knows it too
             eos = next((t["content"] for t in json.load(f).get("added_tokens", []) if t["id"] == eos_id), None)
-        write_json(out, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
-                                                  "model_max_length": cfg.block_size})
+        write_json(out, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                                                  "bos_token": eos, "model_max_length": cfg.block_size})
         note = f"tokenizer.json copied from {name}"
     elif name == "char":
-        note = "NO tokenizer files: a char-level vocabulary has no transformers tokenizer; ids are positions in ckpt['tokenizer']['chars']"
+        note = ("NO tokenizer files: a char-level vocabulary has no transformers tokenizer; ids are positions in "
+                "ckpt['tokenizer']['chars']")
     else:
         note = f"NO tokenizer files: tokenizer {name!r} not found; copy its tokenizer.json into {out} by hand"
     n_params = sum(v.numel() for v in sd.values())
@@ -188,10 +202,12 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py or grpo.py")
     p.add_argument("--out", required=True, help="folder to write (transformers layout)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights on disk; float32 is exact, bfloat16 half the size")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights on disk; float32 is exact, bfloat16 half the size")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     a = p.parse_args()
     export(a.ckpt, a.out, a.dtype, a.overwrite)

@@ -2,16 +2,16 @@
 Pretraining. Defaults are the module-level variables below; override them with config files and flags:
 
     python train.py config/debug.py                      # CPU, minutes
-    python train.py config/a100_2day.py --max_tokens=2e9 # the seed's 2-day recipe
+    python train.py config/a100_2day.py --max_tokens=2e9 # the 2-day A100 recipe, on 2B tokens
     torchrun --standalone --nproc_per_node=8 train.py config/a100_2day.py
 
-Reads data_dir/{train,val}.bin + meta.json (prepare_data.py), calls model.py, writes out_dir/ckpt.pt
-(atomic; last K kept; best.pt by val loss), out_dir/log.jsonl and out_dir/config.json.
+Reads data_dir/{train,val}.bin + meta.json (prepare_data.py), calls model.py, writes out_dir/ckpt.pt (atomic; separate
+copies ckpt_<step>.pt of the last K and best.pt by val loss), out_dir/log.jsonl and out_dir/config.json (what ran).
 """
 import json
 import math
 import os
-import signal
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -27,7 +27,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import attention as A
 import fp8
 import model as M
-from checkpoint import load_checkpoint, run_logger, save_checkpoint
+from checkpoint import (check_tokenizer, latest_checkpoint, load_checkpoint, load_hf_folder, load_model,
+                        remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
+                        stop_signals)
 from configurator import configure
 from model import GPT, GPTConfig, make_config
 
@@ -36,13 +38,13 @@ from model import GPT, GPTConfig, make_config
 out_dir = "out/debug"
 data_dir = "data/shakespeare_char"  # prepare_data.py output: train.bin/val.bin (or shards) + meta.json
 eval_sets = {}  # more validation sets, reported separately: {"medqa": "data/medqa"} (each dir's val split)
-init_from = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | a checkpoint .pt | a Qwen3-layout folder
+init_from = "scratch"  # "scratch" | "resume" (newest loadable checkpoint in out_dir) | a .pt | a Qwen3-layout folder
 # model
 preset = "debug"  # a name in model.PRESETS
 model_overrides = {}  # GPTConfig fields over the preset, e.g. {"dropout": 0.1, "tie_embeddings": True}
 attention = "sdpa"  # attention.ATTENTION: "sdpa" | "flash"
 precision = "bf16"  # "bf16" | "fp8": the blocks' matmuls in FP8 (fp8.convert_to_fp8)
-residual = "autocast"  # model.RESIDUAL: the residual stream in the "autocast" dtype (bf16: 1.04x, same loss) | "fp32"
+residual = "autocast"  # model.RESIDUAL: the residual stream in the "autocast" dtype (bf16: faster, same loss) | "fp32"
 checkpoint_activations = False  # recompute blocks in backward: less memory, more compute
 trainable = "all"  # "all", or a substring: only parameters whose name contains it train (DSA warm-up: "indexer")
 # batch: tokens per optimizer step = micro_batch * block_size * grad_accum * world_size
@@ -71,16 +73,17 @@ eval_tokens = 1_000_000  # per validation set, contiguous windows from the start
 eval_only = False
 log_every_steps = 10
 checkpoint_every_steps = 500
-keep_checkpoints = 2  # last K step checkpoints kept beside ckpt.pt and best.pt
+keep_checkpoints = 2  # last K step checkpoints kept beside ckpt.pt and best.pt (each its own file)
 max_bad_steps = 5  # non-finite loss/grad steps in a row before stopping with a checkpoint
+max_failed_saves = 3  # checkpoint writes failing in a row (disk full) before stopping; 0 = never stop for it
 # system
 device = "auto"  # "auto" | "cpu" | "cuda"
 dtype = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"
 compile = False
-parallel = "ddp"  # several GPUs: "ddp" (a full replica per GPU) | "fsdp" (FSDP2 fully_shard: parameters, grads, optimizer sharded)
+parallel = "ddp"  # several GPUs: "ddp" (a replica per GPU) | "fsdp" (FSDP2: parameters, grads, optimizer sharded)
 seed = 1337
 # ------------------------------------------------------------------------------------------------
-PEAK_FLOPS = 989e12  # dense bf16 datasheet peak of H100 and H200 (../shared/README.md's MFU convention)
+PEAK_FLOPS = 989e12  # dense bf16 datasheet peak of H100 and H200: the MFU convention of README.md
 
 
 def log0(*args):
@@ -109,7 +112,8 @@ class Batches:
             if not os.path.isfile(file):
                 raise SystemExit(f"dataset {path} is incomplete: {file} is missing; rerun prepare_data.py")
             if os.path.getsize(file) % self.dtype.itemsize:
-                raise SystemExit(f"{file} is not a whole number of {self.dtype} tokens: meta.json's dtype does not match the data")
+                raise SystemExit(f"{file} is not a whole number of {self.dtype} tokens: meta.json's dtype does not "
+                                 "match the data")
             self.shards.append(np.memmap(file, dtype=self.dtype, mode="r"))
         self.sizes = np.array([len(s) for s in self.shards], dtype=np.float64)
         self.rng = np.random.default_rng([seed, rank])
@@ -122,7 +126,8 @@ class Batches:
 
     def next(self, batch, length, device):
         if self.sizes.max() < length + 1:
-            raise SystemExit(f"the data ({int(self.sizes.max())} tokens in its largest shard) is shorter than block_size + 1 = {length + 1}")
+            raise SystemExit(f"the data ({int(self.sizes.max())} tokens in its largest shard) is shorter than "
+                             f"block_size + 1 = {length + 1}")
         ok = self.sizes >= length + 1
         shard_ids = self.rng.choice(len(self.shards), size=batch, p=ok * self.sizes / (ok * self.sizes).sum())
         rows = []
@@ -199,57 +204,54 @@ def checkpoint_dict(step, tokens_seen, best_val_loss):
     return {"model_config": asdict(raw_model.cfg), "model": model_state,
             "optimizer": get_optimizer_state_dict(raw_model, optimizers, options=full),
             "step": step, "tokens_seen": tokens_seen, "data_state": pending_state,  # resume redraws the prefetched batch
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None},
+            "rng": rng_state(dev),
             "config": config, "tokenizer": tokenizer_meta, "best_val_loss": best_val_loss, "kind": "pretrain"}
 
 
 def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
-    """ckpt.pt (atomic) plus hard links ckpt_<step>.pt (the last K) and best.pt: no extra disk, no half files."""
+    """ckpt.pt, and as separate files ckpt_<step>.pt (the last K) and best.pt: one bad file never spoils another.
+    -> whether it was written, on every rank (they count failed saves alike and stop together)."""
     ckpt = checkpoint_dict(step, tokens_seen, best_val_loss) if RANK == 0 or FSDP else None
-    if RANK != 0:
-        return
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not save_checkpoint(path, ckpt):  # warned; the previous checkpoint is intact; keep training
-        return
-    try:
-        for name in [f"ckpt_{step:07d}.pt"] + (["best.pt"] if is_best else []):
-            link = os.path.join(out_dir, name)
-            if os.path.exists(link):
-                os.remove(link)
-            os.link(path, link)
-        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-        for name in old[:-keep_checkpoints]:
-            os.remove(os.path.join(out_dir, name))
-        log0(f"saved checkpoint at step {step} to {path}")
-    except OSError as e:  # disk full, permissions: the previous checkpoint is still whole; keep training
-        log0(f"WARNING: could not write a checkpoint at step {step} ({e}); the previous one is intact")
+    ok = True
+    if RANK == 0:
+        path = os.path.join(out_dir, "ckpt.pt")
+        names = [f"ckpt_{step:07d}.pt"] * (keep_checkpoints > 0) + ["best.pt"] * is_best
+        ok = save_checkpoint(path, ckpt, [os.path.join(out_dir, n) for n in names])  # warns when it fails
+        if ok:
+            old = [f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f)]
+            old.sort(key=lambda f: int(f[5:-3]))  # by step: past 9,999,999 the names grow a digit
+            try:
+                for name in old[:len(old) - keep_checkpoints]:
+                    os.remove(os.path.join(out_dir, name))
+            except OSError as e:  # an old copy left behind costs disk, not the run
+                log0(f"WARNING: could not remove an old checkpoint ({e})")
+            log0(f"saved checkpoint at step {step} to {path}")
+    if WORLD > 1:
+        flag = torch.tensor([float(ok)], device=dev)
+        dist.broadcast(flag, 0)
+        ok = flag.item() > 0
+    return ok
 
 
 # ------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    _defaults = {"preset": preset, "model_overrides": model_overrides}  # not a config key: what a resume was given
     config = configure(globals())
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     if optimizer == "muon" and parallel == "fsdp":  # torch's Muon would orthogonalize FSDP2's sharded DTensors
         raise SystemExit("optimizer=muon does not support parallel=fsdp (torch.optim.Muon needs whole matrices); "
                          "use parallel=ddp or optimizer=adamw")
-    RANK, WORLD, LOCAL_RANK = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if WORLD > 1:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
-            torch.cuda.set_device(LOCAL_RANK)
-    dev = torch.device(f"cuda:{LOCAL_RANK}" if device == "cuda" else device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    torch.manual_seed(seed + RANK)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    A.ATTENTION, M.RESIDUAL = attention, residual
     if precision not in ("bf16", "fp8"):
         raise SystemExit(f"unknown precision={precision!r}; use 'bf16' or 'fp8'")
+    RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+    dev, autocast, dtype = setup_device(device, dtype, seed + RANK, LOCAL_RANK)
+    if WORLD > 1:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    A.ATTENTION, M.RESIDUAL = attention, residual
+    if RANK == 0:
+        remove_stale_temps(out_dir)
 
     # ---- data (checked before any GPU work) ----
     meta = read_meta(data_dir)
@@ -268,38 +270,58 @@ if __name__ == "__main__":
         if m["tokenizer"] != meta["tokenizer"] or m["vocab_size"] != meta["vocab_size"]:
             raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, the training data {meta['tokenizer']}/{meta['vocab_size']}")
         info = m["splits"][split]
+        if not info["tokens"]:  # e.g. an empty val split: train on, without this eval
+            log0(f"eval set {name}: {path} has no {split} tokens; skipping its eval")
+            continue
         val_sets[name] = (Batches(path, split, m, 0, 0).shards[0], info["tokens"] / max(1, info["bytes"]))
 
     # ---- model ----
     start_step, tokens_seen, best_val_loss, ckpt = 0, 0, float("inf"), None
     if init_from == "scratch":
         vocab = -(-meta["vocab_size"] // 64) * 64  # pad the vocab to a multiple of 64: faster matmuls
-        cfg = make_config(preset, **{"vocab_size": vocab, "block_size": block_size, **model_overrides})
+        model_config = asdict(make_config(preset, **{"vocab_size": vocab, "block_size": block_size, **model_overrides}))
     else:
         if init_from == "resume":
-            ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        elif os.path.isdir(init_from):
-            from checkpoint import load_hf_folder
-            ckpt = load_hf_folder(init_from)
+            source, ckpt = latest_checkpoint(out_dir)
+            log0(f"resuming from {source} at step {ckpt['step']}")
         else:
-            ckpt = load_checkpoint(init_from)
-        cfg = GPTConfig(**{**ckpt["model_config"], **model_overrides})
-        if ckpt.get("tokenizer", {}).get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
-            raise SystemExit(f"{init_from} was trained with tokenizer {ckpt['tokenizer']['tokenizer']}, but {data_dir} uses {meta['tokenizer']}")
-    if meta["vocab_size"] > cfg.vocab_size:
-        raise SystemExit(f"dataset {data_dir} has vocab {meta['vocab_size']} but the model only {cfg.vocab_size}: wrong data_dir or vocab_size")
+            source = init_from
+            own = re.fullmatch(r"ckpt(_\d+)?\.pt|best\.pt", os.path.basename(init_from))
+            if own and os.path.realpath(os.path.dirname(os.path.abspath(init_from))) == os.path.realpath(out_dir):
+                raise SystemExit(f"--init_from={init_from} is in out_dir, where this run's checkpoints would overwrite "
+                                 "or delete it: --init_from=resume continues that run; or start from it in another "
+                                 "out_dir")
+            ckpt = load_hf_folder(init_from) if os.path.isdir(init_from) else load_checkpoint(init_from)
+        check_tokenizer(ckpt, meta, source, data_dir)
+        ran = ckpt.get("config") or {}
+        if preset != _defaults["preset"] and preset != ran.get("preset", preset):
+            message = f"preset {preset!r} is not {source}'s ({ran['preset']!r}): the model comes from the checkpoint"
+            if init_from == "resume":
+                raise SystemExit(f"{message}; drop --preset to resume, or use another out_dir")
+            log0(f"note: {message}")
+        changed = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k) != v}
+        if init_from == "resume" and changed:
+            raise SystemExit(f"model_overrides {changed} differ from {source}'s model; a resumed run continues that "
+                             f"model: drop them, or start from it with --init_from={source} and another out_dir")
+        config["preset"] = ran.get("preset", preset)  # config.json and the checkpoints record what ran
+        if init_from == "resume":
+            config["model_overrides"] = ran.get("model_overrides", model_overrides)
+        model_config = {**ckpt["model_config"], **model_overrides}
+    if meta["vocab_size"] > model_config["vocab_size"]:
+        raise SystemExit(f"dataset {data_dir} has vocab {meta['vocab_size']} but the model only "
+                         f"{model_config['vocab_size']}: wrong data_dir or vocab_size")
     max_block = max([block_size] + [b for _, b, _ in curriculum])
-    if max_block > cfg.block_size:
-        raise SystemExit(f"block_size {max_block} is longer than the model's context {cfg.block_size}")
-    cfg.checkpoint_activations = checkpoint_activations
-    raw_model = GPT(cfg)
+    if max_block > model_config["block_size"]:
+        raise SystemExit(f"block_size {max_block} is longer than the model's context {model_config['block_size']}")
+    if ckpt is None:
+        raw_model = GPT(GPTConfig(**{**model_config, "checkpoint_activations": checkpoint_activations}))
+    else:  # strict but for a dense checkpoint starting DSA: its new indexer weights start fresh
+        strict = not (model_overrides.get("dsa_top_k") and not ckpt["model_config"].get("dsa_top_k"))
+        raw_model = load_model(ckpt, "cpu", strict, name=source,
+                               **{**model_overrides, "checkpoint_activations": checkpoint_activations})[0]
+    cfg = raw_model.cfg
     if precision == "fp8":  # same parameters and state_dict: checkpoints load either way
         fp8.convert_to_fp8(raw_model)
-    if ckpt is not None:
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        missing, unexpected = raw_model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "indexer" not in k]:  # only new DSA indexer weights may be absent
-            raise SystemExit(f"{init_from} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if trainable != "all":
         for name, p in raw_model.named_parameters():
             p.requires_grad = trainable in name
@@ -321,19 +343,17 @@ if __name__ == "__main__":
     if init_from == "resume":
         trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
         if trained_with != optimizer:
-            raise SystemExit(f"{out_dir}/ckpt.pt was trained with optimizer={trained_with}; resume with "
-                             f"--optimizer={trained_with}, or --init_from={out_dir}/ckpt.pt keeps its weights only")
+            raise SystemExit(f"{source} was trained with optimizer={trained_with}; resume with --optimizer="
+                             f"{trained_with}, or --init_from={source} with another out_dir keeps its weights only")
         try:
             set_optimizer_state_dict(raw_model, optimizers, ckpt["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         except (KeyError, ValueError, TypeError):  # e.g. an optimizer state keyed by index (older or grpo.py checkpoints)
-            raise SystemExit(f"{out_dir}/ckpt.pt has no optimizer state keyed by parameter name, as train.py writes it; "
-                             f"--init_from={out_dir}/ckpt.pt keeps its weights and starts a fresh optimizer")
+            raise SystemExit(f"{source} has no optimizer state keyed by parameter name, as train.py writes it; "
+                             f"--init_from={source} with another out_dir keeps its weights, with a fresh optimizer")
         start_step, tokens_seen, best_val_loss = ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"]
         train_batches.set_state(ckpt["data_state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if dev.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        set_rng_state(ckpt["rng"], dev)
     del ckpt
     model = torch.compile(raw_model) if compile else raw_model
     if WORLD > 1 and not FSDP:
@@ -343,29 +363,32 @@ if __name__ == "__main__":
     tokens_per_step = micro_batch * block_size * grad_accum * WORLD
     for until, stage_block, stage_batch in curriculum:
         if tokens_per_step % (stage_block * stage_batch * WORLD):
-            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide {tokens_per_step} tokens per step")
+            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide "
+                             f"{tokens_per_step} tokens per step")
     # steps left from the tokens left: a run resumed with another batch or GPU count still stops at max_tokens
     max_steps = start_step + max(0, math.ceil((max_tokens - tokens_seen) / tokens_per_step))
     if RANK == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+            json.dump({**config, "model_config": asdict(cfg)}, f, indent=1)
         log0(json.dumps(config, indent=1))
         log0(f"switches: ATTENTION={A.ATTENTION} PRECISION={precision} RESIDUAL={M.RESIDUAL} dtype={dtype} compile={compile} device={dev} world={WORLD}")
         log0(f"model: {raw_model.num_params():,} parameters ({raw_model.matmul_params():,} in matmuls), {asdict(cfg)}")
-        log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, {max_steps:,} steps")
+        log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, "
+             f"{max_steps:,} steps")
 
     if eval_only:
+        if not val_sets:
+            raise SystemExit(f"eval_only: no validation tokens in {data_dir} or eval_sets")
         print_eval(evaluate(model, val_sets))
         sys.exit(0)
 
     # ---- training loop ----
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
-        signal.signal(sig, lambda s, f: stop_signal.append(s))
-    log_record = run_logger(out_dir, start_step if init_from == "resume" else None) if RANK == 0 else (lambda record: None)
+    stop_signal = stop_signals()  # preemption / Ctrl-C: finish the step, checkpoint, exit 0
+    resume_step = start_step if init_from == "resume" else None  # the log keeps the lines up to it
+    log_record = run_logger(out_dir, resume_step) if RANK == 0 else (lambda record: None)
 
-    step, bad_steps, t_start, data_s = start_step, 0, time.time(), 0.0
+    step, bad_steps, failed_saves, t_start, data_s = start_step, 0, 0, time.time(), 0.0
     t_last, tokens_last = time.time(), tokens_seen
     cur_block, cur_batch, cur_accum = stage_at(tokens_seen)
     pending_state = train_batches.state()  # loader state before the prefetched batch: what a checkpoint saves
@@ -401,11 +424,13 @@ if __name__ == "__main__":
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             bad_steps += 1
-            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm}: update skipped ({bad_steps} in a row)")
+            log0(f"step {step}: non-finite loss {loss_val} / grad-norm {grad_norm}: update skipped "
+                 f"({bad_steps} in a row)")
             log_record({"step": step, "skipped": 1, "loss": loss_val})
             if bad_steps >= max_bad_steps:
                 write_checkpoint(step, tokens_seen, best_val_loss)
-                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last good weights are in {out_dir}/ckpt.pt")
+                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row; the last good weights are in "
+                                 f"{out_dir}/ckpt.pt")
         else:
             for opt in optimizers:
                 opt.step()
@@ -423,13 +448,15 @@ if __name__ == "__main__":
             # host time in the loader over wall time: an upper bound on how long the GPU could have waited for data
             data_share = data_s / (now - t_last)
             log0(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | grad-norm {grad_norm:.3f} | "
-                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | ETA {eta / 60:.1f} min")
-            parts = {f"loss_{k}": v.item() for k, v in getattr(raw_model, "last_losses", {}).items()}  # DSA: lm, indexer
+                 f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.1f} GiB | data {100 * data_share:.1f}% | "
+                 f"ETA {eta / 60:.1f} min")
+            # DSA reports its lm and indexer losses apart
+            parts = {f"loss_{k}": v.item() for k, v in getattr(raw_model, "last_losses", {}).items()}
             if parts:
                 log0("    " + " | ".join(f"{k} {v:.4f}" for k, v in parts.items()))
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm,
-                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block, "time": now - t_start,
-                        "data_share": data_share, **parts})
+                        "tokens_per_s": tok_s, "mfu": mfu, "mem_gib": mem, "block_size": step_block,
+                        "time": now - t_start, "data_share": data_share, **parts})
             t_last, tokens_last, data_s = now, tokens_seen, 0.0
         else:
             log_record({"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm})
@@ -439,19 +466,26 @@ if __name__ == "__main__":
             dist.all_reduce(flag)
             stopping = flag.item() > 0
         is_best = False
-        if eval_every_steps and (step % eval_every_steps == 0 or step == max_steps):
+        if eval_every_steps and val_sets and (step % eval_every_steps == 0 or step == max_steps):
             t_eval = time.time()
             results = evaluate(model, val_sets)
             print_eval(results, step)
-            log_record({"step": step, "tokens": tokens_seen, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}})
-            is_best = results["val"]["loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, results["val"]["loss"])
+            log_record({"step": step, "tokens": tokens_seen,
+                        **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}})
+            is_best = "val" in results and results["val"]["loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, results.get("val", {"loss": best_val_loss})["loss"])
             t_last += time.time() - t_eval  # tokens/s counts training time only
         if stopping or is_best or step == max_steps or (checkpoint_every_steps and step % checkpoint_every_steps == 0):
-            write_checkpoint(step, tokens_seen, best_val_loss, is_best)
+            failed_saves = 0 if write_checkpoint(step, tokens_seen, best_val_loss, is_best) else failed_saves + 1
+            if max_failed_saves and failed_saves >= max_failed_saves:
+                raise SystemExit(f"stopping at step {step}: {failed_saves} checkpoint writes in a row failed (disk "
+                                 f"full?); the last good checkpoint is in {out_dir}; free space, then "
+                                 "--init_from=resume")
         if stopping:
             log0(f"stopped by signal after step {step}; resume with --init_from=resume")
             break
     if WORLD > 1:
-        dist.barrier()  # leave together: a gloo rank that tore down while rank 0 still wrote its checkpoint aborted (1 in ~10 CPU runs)
+        dist.barrier()  # leave together: a gloo rank that tore down while rank 0 still wrote its checkpoint could abort
         dist.destroy_process_group()
+    if failed_saves:  # the run finished, but its newest steps are not on disk: not a success
+        raise SystemExit(f"the last checkpoint could not be written; the newest good one is in {out_dir}")
