@@ -84,8 +84,8 @@ def test_resume_with_another_optimizer_is_refused(data):
     p = run(data, f"--out_dir={data / 'o'}", "--init_from=resume", "--max_tokens=1280", "--optimizer=muon", check=False)
     assert p.returncode != 0
     assert p.stderr.strip().splitlines()[-1] == (f"{data / 'o'}/ckpt.pt was trained with optimizer=adamw; resume with "
-                                                 f"--optimizer=adamw, or --init_from={data / 'o'}/ckpt.pt keeps its "
-                                                 "weights only")
+                                                 f"--optimizer=adamw, or --init_from={data / 'o'}/ckpt.pt with another "
+                                                 "out_dir keeps its weights only")
 
 
 def test_every_non_train_split_is_evaluated_by_name(data):

@@ -220,7 +220,7 @@ def test_empty_validation_split_skips_eval_with_one_line(data):
     meta["splits"]["val"].update(tokens=0, bytes=0)
     json.dump(meta, open(data / "data" / "meta.json", "w"))
     p = run(data, f"--out_dir={data / 'nv'}", "--max_tokens=1280", "--eval_every_steps=5")
-    assert f"eval set val: {data / 'data'} has no validation tokens; skipping its eval" in p.stdout
+    assert f"eval set val: {data / 'data'} has no val tokens; skipping its eval" in p.stdout
     assert sorted(losses(data / "nv")) == list(range(1, 11)) and not (data / "nv" / "best.pt").exists()
 
 
