@@ -203,7 +203,8 @@ def checkpoint_dict(step, tokens_seen, best_val_loss):
     model_state = raw_model.state_dict() if not FSDP else get_model_state_dict(raw_model, options=full)
     return {"model_config": asdict(raw_model.cfg), "model": model_state,
             "optimizer": get_optimizer_state_dict(raw_model, optimizers, options=full),
-            "step": step, "tokens_seen": tokens_seen, "data_state": pending_state,  # resume redraws the prefetched batch
+            # data_state: the loader before the prefetched batch, so a resume draws it again
+            "step": step, "tokens_seen": tokens_seen, "data_state": pending_state,
             "rng": rng_state(dev),
             "config": config, "tokenizer": tokenizer_meta, "best_val_loss": best_val_loss, "kind": "pretrain"}
 
@@ -268,7 +269,8 @@ if __name__ == "__main__":
             raise SystemExit(f"eval set {name!r} has the name of a split of {data_dir}; rename it in eval_sets")
         m = read_meta(path)
         if m["tokenizer"] != meta["tokenizer"] or m["vocab_size"] != meta["vocab_size"]:
-            raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, the training data {meta['tokenizer']}/{meta['vocab_size']}")
+            raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, "
+                             f"the training data {meta['tokenizer']}/{meta['vocab_size']}")
         info = m["splits"][split]
         if not info["tokens"]:  # e.g. an empty val split: train on, without this eval
             log0(f"eval set {name}: {path} has no {split} tokens; skipping its eval")
@@ -348,7 +350,7 @@ if __name__ == "__main__":
         try:
             set_optimizer_state_dict(raw_model, optimizers, ckpt["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
-        except (KeyError, ValueError, TypeError):  # e.g. an optimizer state keyed by index (older or grpo.py checkpoints)
+        except (KeyError, ValueError, TypeError):  # an optimizer state keyed by index (older or grpo.py checkpoints)
             raise SystemExit(f"{source} has no optimizer state keyed by parameter name, as train.py writes it; "
                              f"--init_from={source} with another out_dir keeps its weights, with a fresh optimizer")
         start_step, tokens_seen, best_val_loss = ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"]
@@ -372,7 +374,8 @@ if __name__ == "__main__":
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({**config, "model_config": asdict(cfg)}, f, indent=1)
         log0(json.dumps(config, indent=1))
-        log0(f"switches: ATTENTION={A.ATTENTION} PRECISION={precision} RESIDUAL={M.RESIDUAL} dtype={dtype} compile={compile} device={dev} world={WORLD}")
+        log0(f"switches: ATTENTION={A.ATTENTION} PRECISION={precision} RESIDUAL={M.RESIDUAL} dtype={dtype} "
+             f"compile={compile} device={dev} world={WORLD} optimizer={optimizer}")
         log0(f"model: {raw_model.num_params():,} parameters ({raw_model.matmul_params():,} in matmuls), {asdict(cfg)}")
         log0(f"data: {meta['splits']['train']['tokens']:,} train tokens; {tokens_per_step:,} tokens/step, "
              f"{max_steps:,} steps")

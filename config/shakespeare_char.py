@@ -1,12 +1,13 @@
 # nanoGPT's baby GPT on character-level Shakespeare (its README: best val loss 1.4697): 64 x 256 characters per
-# step, lr 1e-3 -> 1e-4 cosine, 100 warmup steps, dropout 0.2, beta2 0.99. nanoGPT runs 5000 steps and is best
-# at ~1750; this model overfits sooner (best 1.478 at step 1000-1250 of a 5000-step run, BENCHMARKS.md), so the
-# cosine ends at 2000 steps: the learning rate is low where validation loss bottoms out.
+# step, lr 1e-3 -> 1e-4 cosine, 100 warmup steps, dropout 0.2, beta2 0.99. nanoGPT runs 5000 steps; this model
+# overfits sooner (its best val loss comes around step 1000-1250 of a 5000-step run), so the cosine ends at 2000
+# steps: the learning rate is low where validation loss bottoms out.
 # Our block: 6 layers, d 384, 6 heads (no GQA), SwiGLU 1024 (parameter-matched to its 4x GELU MLP).
 out_dir = "out/shakespeare_char"
 data_dir = "data/shakespeare_char"
 preset = "debug"
-model_overrides = {"n_layer": 6, "n_embd": 384, "n_head": 6, "n_kv_head": 6, "head_dim": 64, "mlp_hidden": 1024, "dropout": 0.2}
+model_overrides = {"n_layer": 6, "n_embd": 384, "n_head": 6, "n_kv_head": 6, "head_dim": 64, "mlp_hidden": 1024,
+                   "dropout": 0.2}
 block_size = 256
 micro_batch = 64
 lr = 1e-3
