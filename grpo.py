@@ -43,8 +43,8 @@ import attention as A
 import engine
 import model as M
 import tasks
-from checkpoint import (load_model, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
-                        stop_signals)
+from checkpoint import (load_model, remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state,
+                        setup_device, stop_signals)
 from configurator import configure
 from engine import filter_logits
 from model import GPT, make_config
@@ -675,6 +675,7 @@ if __name__ == "__main__":
                          f"{policy.cfg.block_size}")
 
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temps(out_dir)  # a killed save's temporary file: this run owns out_dir
     print(json.dumps(config, indent=1))
     print(f"switches: ATTENTION={A.ATTENTION} RESIDUAL={M.RESIDUAL} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} "
           f"dtype={dtype} device={dev} checkpoint_activations={checkpoint_activations} compile={compile} "

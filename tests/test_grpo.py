@@ -634,3 +634,10 @@ def test_pack_rows_shares_a_prompt_within_the_row_limit():
     assert flat[b["tgt"]].tolist() == [5, 6, 7, 8, 9, 10, 11]  # sample by sample, in the caller's order
     assert b["src"].tolist() == [1, 2, 3, 10, 6, 6, 8]  # token 0 of each completion from its prompt's last position
     assert grpo.pack_rows(prompts, comps, CPU, share=64)["seqs"].shape == (2, 8)  # under the limit: one row per prompt
+
+
+def test_a_killed_saves_temporary_file_is_removed_at_the_next_start(tmp_path):
+    (tmp_path / "ckpt.pt.tmp4242").write_bytes(b"half a checkpoint")  # what kill -9 during torch.save leaves
+    out = run_grpo(*SMALL[:4], "--max_steps=1", f"--out_dir={tmp_path}", cwd=tmp_path)
+    assert "removed 1 unfinished checkpoint file(s)" in out and not (tmp_path / "ckpt.pt.tmp4242").exists()
+    assert finite_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
