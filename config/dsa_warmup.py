@@ -1,8 +1,8 @@
 # DeepSeek Sparse Attention, stage 1 of 2 (DeepSeek-V3.2-Exp section 2.1, "dense warm-up"): from a dense checkpoint,
 # attention stays dense and only the lightning indexers train, on the KL from the main attention's distribution
-# (model.py's DSA section). Then config/dsa_sparse.py, then dev/bench_dsa.py quality (BENCHMARKS.md has the commands).
+# (dsa.py). Then config/dsa_sparse.py, then dev/bench_dsa.py quality (BENCHMARKS.md has the commands).
 # The dense base, trained at the length we measure (T = 2048):
-#   python train.py config/gutenberg.py --block_size=2048 --micro_batch=16 --max_tokens=25000000 \
+#   python train.py config/gutenberg.py --optimizer=adamw --block_size=2048 --micro_batch=16 --max_tokens=25000000 \
 #       --eval_every_steps=0 --out_dir=out/gutenberg_2k
 init_from = "out/gutenberg_2k/ckpt.pt"
 out_dir = "out/dsa_warmup"
