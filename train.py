@@ -289,7 +289,8 @@ if __name__ == "__main__":
         else:
             source = init_from
             own = re.fullmatch(r"ckpt(_\d+)?\.pt|best\.pt", os.path.basename(init_from))
-            if own and os.path.realpath(os.path.dirname(os.path.abspath(init_from))) == os.path.realpath(out_dir):
+            in_out_dir = os.path.realpath(os.path.dirname(os.path.abspath(init_from))) == os.path.realpath(out_dir)
+            if own and in_out_dir and not eval_only:  # eval_only writes no checkpoint: nothing to overwrite
                 raise SystemExit(f"--init_from={init_from} is in out_dir, where this run's checkpoints would overwrite "
                                  "or delete it: --init_from=resume continues that run; or start from it in another "
                                  "out_dir")
