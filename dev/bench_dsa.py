@@ -35,7 +35,8 @@ def sync(dev):
 
 
 def timed_ms(fn, dev, iters):
-    """Mean wall time of fn in ms after two untimed calls (kernel selection, allocator warm-up); 'OOM' when it does not fit."""
+    """Mean wall time of fn in ms after two untimed calls (kernel selection, allocator warm-up); 'OOM' when it does
+    not fit."""
     try:
         for _ in range(2):
             fn()
@@ -77,8 +78,10 @@ def speed(args, dev):
     print(f"speed: preset {args.preset} (H={H}, Hkv={Hkv}, D={D}, d={cfg.n_embd}), indexer {cfg.dsa_heads} heads x "
           f"{cfg.dsa_head_dim} (RoPE {cfg.dsa_rope_dim}), {args.tokens} tokens per call, {dtype}, {dev} "
           f"({torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}), copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("times in ms per layer; DSA columns include selection; 'floor' = selected K/V bytes of one forward / bandwidth")
-    cols = ["T", "B", "k", "dense fwd", "dense f+b", "select", "mask f+b", "gather f+b", "gather fwd", "floor fwd", "L_I (train)"]
+    print("times in ms per layer; DSA columns include selection; "
+          "'floor' = selected K/V bytes of one forward / bandwidth")
+    cols = ["T", "B", "k", "dense fwd", "dense f+b", "select", "mask f+b", "gather f+b", "gather fwd", "floor fwd",
+            "L_I (train)"]
     print(" | ".join(f"{c:>11}" for c in cols))
     results = []
     for T in args.lengths:
@@ -123,8 +126,8 @@ def speed(args, dev):
             t_gather_f = timed_ms(lambda: sparse("gather", top_k, False), dev, iters)
             floor = B * T * top_k * Hkv * D * 2 * q.element_size() / bw * 1e3
             t_kl = timed_ms(lambda: indexer_loss(top_k), dev, max(1, iters // 2)) if T <= args.kl_max_T else None
-            row = dict(T=T, B=B, k=top_k, dense_fwd=t_dense_f, dense=t_dense, select=t_sel, mask=t_mask, gather=t_gather,
-                       gather_fwd=t_gather_f, floor_fwd=floor, indexer_loss=t_kl)
+            row = dict(T=T, B=B, k=top_k, dense_fwd=t_dense_f, dense=t_dense, select=t_sel, mask=t_mask,
+                       gather=t_gather, gather_fwd=t_gather_f, floor_fwd=floor, indexer_loss=t_kl)
             results.append(row)
             print(" | ".join(f"{v:>11}" if isinstance(v, int) else f"{fmt(v):>11}" for v in row.values()), flush=True)
         del x, q, k, v, dy
@@ -154,12 +157,15 @@ def decode(args, dev):
         torch.manual_seed(0)
         q = torch.randn(B, 1, H, D, device=dev, dtype=dtype)
         k, v = (torch.randn(B, T, Hkv, D, device=dev, dtype=dtype) for _ in range(2))
-        iq, iw, ik = torch.randn(B, 1, HI, DI, device=dev, dtype=dtype), torch.randn(B, 1, HI, device=dev, dtype=dtype), torch.randn(B, T, DI, device=dev, dtype=dtype)
+        iq, iw, ik = (torch.randn(B, 1, HI, DI, device=dev, dtype=dtype),
+                      torch.randn(B, 1, HI, device=dev, dtype=dtype),
+                      torch.randn(B, T, DI, device=dev, dtype=dtype))
         visible = torch.ones(B, 1, 1, T, dtype=torch.bool, device=dev)
         iters = max(5, args.iters * 10)
 
         def dense():
-            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                    v.transpose(1, 2), enable_gqa=True)
 
         t_dense = timed_ms(dense, dev, iters)
         for top_k in sorted({T // 8, min(2048, T // 2)}):
@@ -169,7 +175,8 @@ def decode(args, dev):
             with torch.no_grad():
                 t_dsa = timed_ms(dsa, dev, iters)
             results.append(dict(T=T, k=top_k, dense=t_dense, dsa=t_dsa))
-            print(" | ".join([f"{T:>10}", f"{top_k:>10}", f"{fmt(t_dense):>10}", f"{fmt(t_dsa):>10}", f"{t_dense / t_dsa:>9.2f}x"]), flush=True)
+            print(" | ".join([f"{T:>10}", f"{top_k:>10}", f"{fmt(t_dense):>10}", f"{fmt(t_dsa):>10}",
+                              f"{t_dense / t_dsa:>9.2f}x"]), flush=True)
     return results
 
 
@@ -177,12 +184,14 @@ def decode(args, dev):
 def load_split(data_dir, split):
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
-    files = [np.memmap(os.path.join(data_dir, name), dtype=np.dtype(meta["dtype"]), mode="r") for name in meta["splits"][split]["files"]]
+    files = [np.memmap(os.path.join(data_dir, name), dtype=np.dtype(meta["dtype"]), mode="r")
+             for name in meta["splits"][split]["files"]]
     return max(files, key=len)
 
 
 def quality_model(args, dev):
-    """The model to measure and its block size: a checkpoint (dense or DSA) or, with --tiny and no checkpoint, a random one."""
+    """The model to measure and its block size: a checkpoint (dense or DSA) or, with --tiny and no checkpoint, a
+    random one."""
     if args.ckpt:
         from checkpoint import load_checkpoint
         ckpt = load_checkpoint(args.ckpt)
@@ -196,7 +205,8 @@ def quality_model(args, dev):
         cfg = make_config("debug", vocab_size=512, block_size=T, dsa_top_k=T // 8)
     else:
         top_k = base.get("dsa_top_k") or T // 8
-        cfg = GPTConfig(**{**base, "block_size": max(T, base["block_size"]), "dsa_top_k": top_k, "dsa_stage": "sparse", "dropout": 0.0})
+        cfg = GPTConfig(**{**base, "block_size": max(T, base["block_size"]), "dsa_top_k": top_k, "dsa_stage": "sparse",
+                           "dropout": 0.0})
     model = GPT(cfg)
     fresh = False
     if state is not None:
@@ -249,7 +259,8 @@ def indexer_warmup(model, args, dev, train, T, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % max(1, args.warmup_steps // 10) == 0 or step == args.warmup_steps - 1:
-            print(f"indexer warm-up step {step + 1}/{args.warmup_steps}: L_I {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+            print(f"indexer warm-up step {step + 1}/{args.warmup_steps}: L_I {loss.item():.4f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
     model.eval()
     for p in model.parameters():
         p.requires_grad = True
@@ -260,7 +271,8 @@ def recall(model, windows, T, ks, autocast):
     """Per layer, for rows with more than k visible keys: the share of the dense attention's k highest keys (p =
     head-averaged probabilities) that the indexer picks, and the share of p's mass on the indexer's k keys."""
     captured = []
-    hooks = [b.attn.register_forward_pre_hook(lambda mod, a: captured.append((mod, a[0], a[1], a[2], a[6]))) for b in model.blocks]
+    hooks = [b.attn.register_forward_pre_hook(lambda mod, a: captured.append((mod, a[0], a[1], a[2], a[6])))
+             for b in model.blocks]
     set_attention(model, "dense")
     with autocast:
         model.hidden(windows)
@@ -290,7 +302,8 @@ def recall(model, windows, T, ks, autocast):
                 mass[k].append(p.gather(-1, mine).sum(-1)[:, long_rows].flatten())
                 recent = rows[:, None] - torch.arange(T, device=x.device)[None, :] < k
                 window_mass[k].append((p * (recent & keep)).sum(-1)[:, long_rows].flatten())
-    return {k: (torch.cat(hit[k]).mean().item(), torch.cat(mass[k]).mean().item(), torch.cat(window_mass[k]).mean().item()) for k in ks if hit[k]}
+    return {k: (torch.cat(hit[k]).mean().item(), torch.cat(mass[k]).mean().item(),
+                torch.cat(window_mass[k]).mean().item()) for k in ks if hit[k]}
 
 
 def quality(args, dev):
@@ -303,7 +316,8 @@ def quality(args, dev):
         assert args.tiny, "quality needs --data_dir"
         rng = np.random.default_rng(0)
         train, val = rng.integers(0, vocab, 200_000).astype(np.uint16), rng.integers(0, vocab, 20_000).astype(np.uint16)
-    print(f"quality: {args.ckpt or 'random tiny model'}, T = {T}, indexer {model.cfg.dsa_heads} x {model.cfg.dsa_head_dim}, "
+    print(f"quality: {args.ckpt or 'random tiny model'}, T = {T}, "
+          f"indexer {model.cfg.dsa_heads} x {model.cfg.dsa_head_dim}, "
           f"{'fresh indexer' if fresh else 'indexer from the checkpoint'}")
     if args.warmup_steps:
         indexer_warmup(model, args, dev, train, T, autocast)
@@ -311,10 +325,12 @@ def quality(args, dev):
         print("warning: the indexer is untrained (a dense checkpoint): DSA numbers below measure a random selection")
     model.eval()
     n = max(1, min((len(val) - 1) // T, args.eval_tokens // T))
-    windows = [torch.from_numpy(np.stack([val[(w + i) * T:(w + i + 1) * T + 1] for i in range(min(args.batch, n - w))]).astype(np.int64))
+    windows = [torch.from_numpy(np.stack([val[(w + i) * T:(w + i + 1) * T + 1]
+                                          for i in range(min(args.batch, n - w))]).astype(np.int64))
                for w in range(0, n, args.batch)]
     ks = [T // 8, T // 4]
-    settings = [("dense", "dense", 0)] + [(f"DSA k={k}", "dsa", k) for k in ks] + [(f"window k={k}", "window", k) for k in ks]
+    settings = ([("dense", "dense", 0)] + [(f"DSA k={k}", "dsa", k) for k in ks]
+                + [(f"window k={k}", "window", k) for k in ks])
     print(f"val loss on {n} windows of {T} tokens ({n * T:,} tokens)")
     results = {}
     for name, mode, k in settings:
@@ -328,7 +344,8 @@ def quality(args, dev):
                 total += losses.double().sum().item()
                 count += losses.numel()
         results[name] = total / count
-        print(f"  {name:>14}: {results[name]:.4f}" + (f"  ({results[name] - results['dense']:+.4f} vs dense)" if name != "dense" else ""), flush=True)
+        print(f"  {name:>14}: {results[name]:.4f}"
+              + (f"  ({results[name] - results['dense']:+.4f} vs dense)" if name != "dense" else ""), flush=True)
     rec = recall(model, windows[0].to(dev)[:, :-1][: args.recall_batch], T, ks, autocast)
     for k, (hits, mass, window_mass) in rec.items():
         print(f"  indexer recall of the dense top-{k}: {hits:.3f}; dense attention mass on the indexer's {k} keys: "
@@ -342,10 +359,12 @@ def main():
     p.add_argument("what", choices=["speed", "decode", "quality", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for a CPU smoke check")
-    p.add_argument("--preset", default=None, help="model shape for speed/decode (default medium-large; debug with --tiny)")
+    p.add_argument("--preset", default=None,
+                   help="model shape for speed/decode (default medium-large; debug with --tiny)")
     p.add_argument("--overrides", default="{}", help='GPTConfig fields as JSON, e.g. \'{"dsa_heads": 8}\'')
     p.add_argument("--lengths", default=None, help="comma-separated T (default 2048,8192,32768; 64,128 with --tiny)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per speed call (default 32768 = B16 x 2k; 256 with --tiny)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per speed call (default 32768 = B16 x 2k; 256 with --tiny)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kl_max_T", type=int, default=8192, help="time L_I (dense-masked here, O(T^2)) up to this T")
     p.add_argument("--decode_batch", type=int, default=None)
@@ -361,15 +380,18 @@ def main():
     args = p.parse_args()
     dev = torch.device(args.device)
     args.preset = args.preset or ("debug" if args.tiny else "medium-large")
-    args.lengths = [int(t) for t in args.lengths.split(",")] if args.lengths else ([64, 128] if args.tiny else [2048, 8192, 32768])
+    args.lengths = ([int(t) for t in args.lengths.split(",")] if args.lengths
+                    else ([64, 128] if args.tiny else [2048, 8192, 32768]))
     args.tokens = args.tokens or (256 if args.tiny else 32768)
     args.decode_batch = args.decode_batch or (2 if args.tiny else 16)
-    args.decode_lengths = [int(t) for t in args.decode_lengths.split(",")] if args.decode_lengths else (args.lengths if args.tiny else args.lengths + [131072])
+    args.decode_lengths = ([int(t) for t in args.decode_lengths.split(",")] if args.decode_lengths
+                           else (args.lengths if args.tiny else args.lengths + [131072]))
     if args.tiny:
         args.eval_tokens, args.iters, args.batch = min(args.eval_tokens, 4096), min(args.iters, 2), min(args.batch, 4)
         args.warmup_steps = args.warmup_steps or (10 if not args.ckpt else 0)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls (the KL's attention probabilities) in TF32
+        # as train.py: fp32 matmuls (the KL's attention probabilities) in TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
     print(f"torch {torch.__version__}, device {dev}")
     if args.what in ("speed", "all"):
         speed(args, dev)

@@ -2,13 +2,14 @@
 Rollout throughput: model.py's generate() (batched, static KV cache) beside transformers' Qwen3ForCausalLM.generate()
 on the same random weights, in the same process: new tokens per second.
 
-    python dev/bench_rollout.py                                   # GPU: medium-large, batch 256, 128-token prompts, 256 new
+    python dev/bench_rollout.py          # GPU: medium-large, batch 256, 128-token prompts, 256 new
     python dev/bench_rollout.py --preset debug --batch 4 --prompt_len 16 --new_tokens 16 --repeats 1   # CPU check
 
 Both sample (temperature 1, no top-k / top-p) every one of the new tokens (no EOS: random weights would stop at random
 places). Ours runs twice: fp32 master weights under bf16 autocast (what grpo.py does; autocast caches the bf16 weight
-copies for the whole generate() call) and bf16 weights (no per-call weight cast). transformers runs in bf16 with its default dynamic cache
-(and, with --hf_static, its static cache too). Before timing, the logits of both on the same prompts are compared.
+copies for the whole generate() call) and bf16 weights (no per-call weight cast). transformers runs in bf16 with its
+default dynamic cache (and, with --hf_static, its static cache too). Before timing, the logits of both on the same
+prompts are compared.
 """
 import argparse
 import json
@@ -48,7 +49,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the best is reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--hf_static", action="store_true", help="also time transformers with cache_implementation='static'")
+    ap.add_argument("--hf_static", action="store_true",
+                    help="also time transformers with cache_implementation='static'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results here")
     a = ap.parse_args(argv)
@@ -71,8 +73,9 @@ def main(argv=None):
     prompts = torch.randint(0, V, (a.batch, a.prompt_len), generator=g)
     prompt_lists = prompts.tolist()
     prompts = prompts.to(device)
-    print(f"{a.preset}: {ours.num_params():,} parameters; batch {a.batch}, {a.prompt_len}-token prompts, {a.new_tokens} new "
-          f"tokens, device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+    print(f"{a.preset}: {ours.num_params():,} parameters; batch {a.batch}, {a.prompt_len}-token prompts, "
+          f"{a.new_tokens} new tokens, "
+          f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, ATTENTION={A.ATTENTION}")
 
     with torch.no_grad():  # the same weights: logits agree up to bf16 rounding
@@ -82,8 +85,8 @@ def main(argv=None):
         diff_hf = (hf(x).logits.float() - ref).abs().max().item()
         with bf16:
             diff_bf16 = (ours_bf16(x) - ref).abs().max().item()
-    print(f"max |logit difference| vs ours (fp32 weights + bf16 autocast): transformers bf16 {diff_hf:.3f}, ours bf16 {diff_bf16:.3f} "
-          f"(logit scale {ref.abs().max().item():.2f})")
+    print(f"max |logit difference| vs ours (fp32 weights + bf16 autocast): transformers bf16 {diff_hf:.3f}, "
+          f"ours bf16 {diff_bf16:.3f} (logit scale {ref.abs().max().item():.2f})")
 
     def run_ours(m, ctx):
         def fn():
@@ -114,13 +117,15 @@ def main(argv=None):
     for name, fn in variants:
         seconds, mem = timed(fn, device, a.repeats, a.warmup)
         results[name] = {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "peak_mem_gib": mem}
-        print(f"{name:55s} {new_tokens / seconds:12,.0f} new tokens/s  ({seconds:.2f} s, peak {mem:.1f} GiB)", flush=True)
+        print(f"{name:55s} {new_tokens / seconds:12,.0f} new tokens/s  ({seconds:.2f} s, peak {mem:.1f} GiB)",
+              flush=True)
     hf_tps = results["transformers Qwen3 generate(), bf16, dynamic cache"]["new_tokens_per_s"]
     for name in list(results)[:2]:
         print(f"ratio {name} / transformers dynamic: {results[name]['new_tokens_per_s'] / hf_tps:.2f}x")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "device": str(device), "logit_diff_hf": diff_hf, "results": results}, f, indent=1)
+            json.dump({"args": vars(a), "device": str(device), "logit_diff_hf": diff_hf, "results": results}, f,
+                      indent=1)
     return results
 
 

@@ -38,8 +38,8 @@ def clip_and_profile(*args, **kwargs):
             rows = sorted(((e.key, e.count / STEPS, e.self_device_time_total / STEPS / 1e3)
                            for e in state["prof"].key_averages()), key=lambda r: -r[2])
             kernels_ms = sum(ms for _, _, ms in rows)
-            print(f"profile of optimizer steps {FROM}..{FROM + STEPS}: wall {wall_ms:.1f} ms a step under the profiler, "
-                  f"GPU kernels {kernels_ms:.1f} ms")
+            print(f"profile of optimizer steps {FROM}..{FROM + STEPS}: wall {wall_ms:.1f} ms a step under the "
+                  f"profiler, GPU kernels {kernels_ms:.1f} ms")
             bench.print_kernel_classes(state["prof"], STEPS)
             for key, n, ms in rows[:40]:
                 print(f"{ms:9.2f} ms {n:7.0f}x {1e3 * ms / max(n, 1):8.1f} us  {key[:110]}")

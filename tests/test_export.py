@@ -30,8 +30,8 @@ def tiny(vocab=320, **kw):
 
 def write_ckpt(path, m, tokenizer=None, model_config=None, state=None):
     tokenizer = tokenizer or {"tokenizer": "char", "vocab_size": len(CHARS) + 1, "eos_id": len(CHARS), "chars": CHARS}
-    save_checkpoint(path, {"model_config": model_config or asdict(m.cfg), "model": state or m.state_dict(), "optimizer": None,
-                           "step": 7, "tokens_seen": 0, "tokenizer": tokenizer, "kind": "pretrain"})
+    save_checkpoint(path, {"model_config": model_config or asdict(m.cfg), "model": state or m.state_dict(),
+                           "optimizer": None, "step": 7, "tokens_seen": 0, "tokenizer": tokenizer, "kind": "pretrain"})
     return path
 
 
@@ -103,8 +103,9 @@ def test_load_hf_folder_reads_a_transformers_saved_qwen3(tmp_path, tie):
     """A folder written by transformers itself (rope_parameters nested, 'dtype', no lm_head when tied)."""
     torch.manual_seed(1)
     hc = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
-                                  rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=tie, eos_token_id=299)
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                  max_position_embeddings=128, rope_theta=5e5, rms_norm_eps=1e-5,
+                                  tie_word_embeddings=tie, eos_token_id=299)
     h = transformers.Qwen3ForCausalLM(hc).eval()
     with torch.no_grad():
         for p in h.parameters():
@@ -112,7 +113,8 @@ def test_load_hf_folder_reads_a_transformers_saved_qwen3(tmp_path, tie):
     h.save_pretrained(tmp_path)
     ckpt = load_hf_folder(str(tmp_path))
     c = ckpt["model_config"]
-    assert (c["n_kv_head"], c["head_dim"], c["mlp_hidden"], c["rope_theta"], c["norm_eps"], c["tie_embeddings"]) == (1, 32, 160, 5e5, 1e-5, tie)
+    assert (c["n_kv_head"], c["head_dim"], c["mlp_hidden"], c["rope_theta"], c["norm_eps"], c["tie_embeddings"]) == (
+        1, 32, 160, 5e5, 1e-5, tie)
     idx = torch.randint(0, 300, (2, 50))
     with torch.no_grad():
         assert (load_model(ckpt)[0].eval()(idx) - h(idx).logits).abs().max().item() < 1e-4
@@ -140,7 +142,8 @@ def test_load_hf_folder_refusals(tmp_path):
     with pytest.raises(SystemExit, match=r"attention_bias=True.*no equivalent"):
         load_hf_folder(folder("bias", {**cfg, "attention_bias": True}))
     with pytest.raises(SystemExit, match=r"rope type 'yarn'"):
-        load_hf_folder(folder("yarn", {**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}))
+        load_hf_folder(folder("yarn", {**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6,
+                                                                  "factor": 4.0}}))
     with pytest.raises(SystemExit, match=r"sliding-window layers"):
         load_hf_folder(folder("window", {**cfg, "layer_types": ["full_attention", "sliding_attention"]}))
     with pytest.raises(SystemExit, match="weights do not match"):
@@ -167,20 +170,24 @@ def test_custom_tokenizer_json_is_copied_and_read_back(tmp_path):
     assert back == {**entry, "tokenizer": os.path.join(out, "tokenizer.json")}
     assert load_tokenizer(back).encode("the fever") == load_tokenizer(entry).encode("the fever")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert hf_tok.eos_token_id == entry["eos_id"] and hf_tok("the fever")["input_ids"] == load_tokenizer(entry).encode("the fever")
+    assert (hf_tok.eos_token_id == entry["eos_id"]
+            and hf_tok("the fever")["input_ids"] == load_tokenizer(entry).encode("the fever"))
 
 
-@pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason=f"{GPT2_FILE} not found: the GPT-2 tokenizer test needs tiktoken's ranks offline")
+@pytest.mark.skipif(not os.path.isfile(GPT2_FILE),
+                    reason=f"{GPT2_FILE} not found: the GPT-2 tokenizer test needs tiktoken's ranks offline")
 def test_gpt2_tokenizer_encodes_like_tiktoken(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_GPT2_FILE", GPT2_FILE)
     from tokenizer import get_tokenizer
     tik = get_tokenizer("gpt2")
     m = tiny(vocab=50304)
-    out = export(write_ckpt(tmp_path / "ckpt.pt", m, {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}), str(tmp_path / "hf"))
+    out = export(write_ckpt(tmp_path / "ckpt.pt", m, {"tokenizer": "gpt2", "vocab_size": 50257, "eos_id": 50256}),
+                 str(tmp_path / "hf"))
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.eos_token_id == tok.bos_token_id == 50256
     texts = ["Hello world", " leading space,  double  space\n\n\ttab", "It's they're we'll I'd don't 'quoted'",
-             "naïve café — 東京 😀 \u200b ©2024", "1234567 3.14159 10,000.00 $5", "   \n  trailing whitespace  \n\n   ",
+             "naïve café — 東京 😀 \u200b ©2024", "1234567 3.14159 10,000.00 $5",
+             "   \n  trailing whitespace  \n\n   ",
              "def f(x):\n    return x**2  # comment\n", "A" * 300 + " aaaa" * 50]
     books = os.path.join(SHARED, "gutenberg", "val.parquet")
     if os.path.isfile(books):  # a real book, 100k characters of it

@@ -119,7 +119,8 @@ def test_checkpoints_are_separate_files_and_resume_falls_back_past_a_corrupt_one
 
 def test_latest_checkpoint_takes_the_highest_step_when_ckpt_pt_is_missing(tmp_path, capsys):
     for step in [9_999_999, 10_000_000, 999]:
-        checkpoint.save_checkpoint(str(tmp_path / f"ckpt_{step:07d}.pt"), {"model": {}, "model_config": {}, "step": step})
+        checkpoint.save_checkpoint(str(tmp_path / f"ckpt_{step:07d}.pt"),
+                                   {"model": {}, "model_config": {}, "step": step})
     path, ckpt = checkpoint.latest_checkpoint(str(tmp_path))
     assert path == str(tmp_path / "ckpt_10000000.pt") and ckpt["step"] == 10_000_000
     assert capsys.readouterr().out == ""  # nothing failed to load: no warning

@@ -76,7 +76,8 @@ def test_resume_with_another_batch_size_stops_at_max_tokens(data):
 
 
 def test_loss_decreases_and_eval_reports_bits_per_byte(data):
-    p = run(data, "--max_tokens=40000", "--lr=3e-3", f"--out_dir={data / 'o'}", "--eval_every_steps=100", "--eval_tokens=2000")
+    p = run(data, "--max_tokens=40000", "--lr=3e-3", f"--out_dir={data / 'o'}", "--eval_every_steps=100",
+            "--eval_tokens=2000")
     log = losses(data / "o")
     first, last = np.mean([log[s] for s in range(1, 6)]), np.mean([log[s] for s in sorted(log)[-5:]])
     assert last < first - 1.0, (first, last)
@@ -90,7 +91,8 @@ def test_loss_decreases_and_eval_reports_bits_per_byte(data):
 
 
 def test_curriculum_keeps_tokens_per_step(data):
-    run(data, "--max_tokens=4096", "--grad_accum=2", "--curriculum=[(1024, 16, 4)]", f"--out_dir={data / 'c'}", "--log_every_steps=1")
+    run(data, "--max_tokens=4096", "--grad_accum=2", "--curriculum=[(1024, 16, 4)]", f"--out_dir={data / 'c'}",
+        "--log_every_steps=1")
     with open(data / "c" / "log.jsonl") as f:
         recs = [r for r in map(json.loads, f) if "block_size" in r]
     assert [r["block_size"] for r in recs][:5] == [16, 16, 16, 16, 32]  # 4 steps of 256 tokens reach 1024
@@ -133,7 +135,8 @@ def test_resume_refuses_a_checkpoint_of_other_data(data, tmp_path_factory):
 
 
 def test_corrupt_or_truncated_checkpoint_is_one_clear_error(data):
-    run(data, "--max_tokens=640", f"--out_dir={data / 't'}", "--keep_checkpoints=0")  # no ckpt_<step>.pt to fall back on
+    # no ckpt_<step>.pt to fall back on
+    run(data, "--max_tokens=640", f"--out_dir={data / 't'}", "--keep_checkpoints=0")
     path = data / "t" / "ckpt.pt"
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
@@ -156,7 +159,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(data):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data / 'data'}", "--block_size=32",
-           "--micro_batch=4", "--max_tokens=10000000", "--eval_every_steps=0", "--log_every_steps=1", f"--out_dir={data / 's'}"]
+           "--micro_batch=4", "--max_tokens=10000000", "--eval_every_steps=0", "--log_every_steps=1",
+           f"--out_dir={data / 's'}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     log = data / "s" / "log.jsonl"
     deadline = time.time() + 120
@@ -197,8 +201,8 @@ def test_ddp_two_processes_on_cpu(data):
     """torchrun with 2 CPU processes (gloo): same tokens per step, one all-reduce per step, rank 0 logs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), f"--data_dir={data / 'data'}", "--block_size=32", "--micro_batch=4",
-           "--grad_accum=2", "--max_tokens=10240", "--lr=3e-3", "--warmup_tokens=256", "--eval_every_steps=10", "--eval_tokens=1024",
-           "--log_every_steps=5", f"--out_dir={data / 'ddp'}"]
+           "--grad_accum=2", "--max_tokens=10240", "--lr=3e-3", "--warmup_tokens=256", "--eval_every_steps=10",
+           "--eval_tokens=1024", "--log_every_steps=5", f"--out_dir={data / 'ddp'}"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "world=2" in p.stdout and "512 tokens/step" in p.stdout
@@ -231,7 +235,8 @@ def test_dsa_run_logs_lm_and_indexer_losses(data):
     p = run(data, "--max_tokens=1280", f"--out_dir={data / 'dsa'}", f"--model_overrides={overrides}")
     with open(data / "dsa" / "log.jsonl") as f:
         r = [r for r in map(json.loads, f) if "loss_indexer" in r][-1]
-    assert r["loss_indexer"] > 0 and abs(r["loss"] - (r["loss_lm"] + r["loss_indexer"])) < 0.05  # last micro-batch vs mean
+    # last micro-batch vs mean
+    assert r["loss_indexer"] > 0 and abs(r["loss"] - (r["loss_lm"] + r["loss_indexer"])) < 0.05
     assert "loss_indexer" in p.stdout
 
 
@@ -240,7 +245,8 @@ def test_dataset_whose_dtype_does_not_match_its_files(data):
     meta = json.load(open(meta_path))
     meta["dtype"] = "uint32"
     json.dump(meta, open(meta_path, "w"))
-    (data / "data" / "train.bin").write_bytes((data / "data" / "train.bin").read_bytes()[:-2])  # an odd count of 2-byte ids
+    # an odd count of 2-byte ids
+    (data / "data" / "train.bin").write_bytes((data / "data" / "train.bin").read_bytes()[:-2])
     p = run(data, f"--out_dir={data / 'x'}", check=False)
     assert p.returncode != 0 and "is not a whole number of uint32 tokens" in p.stderr.strip().splitlines()[-1]
 
