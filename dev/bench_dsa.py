@@ -169,11 +169,11 @@ def decode(args, dev):
 
         t_dense = timed_ms(dense, dev, iters)
         for top_k in sorted({T // 8, min(2048, T // 2)}):
-            def dsa():
+            def sparse_step():
                 idx, valid = dsa.select_topk(iq, ik, iw, top_k, visible)
                 return dsa.gather_attend(q, k, v, idx, valid)
             with torch.no_grad():
-                t_dsa = timed_ms(dsa, dev, iters)
+                t_dsa = timed_ms(sparse_step, dev, iters)
             results.append(dict(T=T, k=top_k, dense=t_dense, dsa=t_dsa))
             print(" | ".join([f"{T:>10}", f"{top_k:>10}", f"{fmt(t_dense):>10}", f"{fmt(t_dsa):>10}",
                               f"{t_dense / t_dsa:>9.2f}x"]), flush=True)

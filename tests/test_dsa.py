@@ -1,5 +1,6 @@
 """DeepSeek Sparse Attention (dsa.py) on the CPU: exactness at k >= T, selection, causality, gradient
 isolation, the KL target, the indexer's hand-made gradient, KV-cache generation, loading a dense checkpoint."""
+import os
 import math
 
 import pytest
@@ -228,3 +229,14 @@ def test_dense_models_never_import_dsa_and_dsa_imports_first():
         p = subprocess.run([sys.executable, "-c", c], cwd=root, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "Block"
+
+
+def test_bench_dsa_smoke_check_runs_every_part_on_the_cpu():
+    """dev/bench_dsa.py's CPU check (speed, decode, quality at tiny sizes) keeps working after model changes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "dev", "bench_dsa.py"), "all", "--device", "cpu", "--tiny"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "speed-up" in p.stdout and "indexer recall of the dense top-64" in p.stdout
