@@ -52,8 +52,6 @@ parser.add_argument("--json", default=None, help="write all results here")
 parser.add_argument("--profile", action="store_true",
                     help="print the GPU kernels' time of two more steps of each variant")
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden")  # model shape overrides
-
-
 VARIANT_KEYS = ("attention", "precision", "compile", "checkpoint_activations", "micro_batch", "block_size", "fp8_skip",
                 "residual", "grad_accum", "tune")
 
@@ -218,8 +216,7 @@ def main(args):
         print(f"--- {name}: {batch} x {block}", flush=True)
         try:
             r = time_training(lambda: build(cfg, v["precision"]), batch, block, args.steps, args.warmup, device,
-                              v["compile"],
-                              lambda m, x, y: m(x, y), args.profile, v.get("grad_accum", 1))
+                              v["compile"], lambda m, x, y: m(x, y), args.profile, v.get("grad_accum", 1))
         except Exception as e:  # one failing variant (e.g. a missing package) must not hide the others
             print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

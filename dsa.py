@@ -248,12 +248,6 @@ class SparseBlock(Block):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def block_args(model, idx, cache, positions, indexer_loss):
-    """SparseBlock's extra arguments for GPT.hidden: the indexer's RoPE tables at the tokens' positions, the flag."""
-    pos = torch.arange(idx.shape[1], device=idx.device)[None] if cache is None else positions
-    return (model.dsa_rope_cos[pos][:, :, None], model.dsa_rope_sin[pos][:, :, None]), indexer_loss
-
-
 def indexer_loss(model):
     """L_I of the last forward, averaged over layers, and each layer's cleared."""
     loss = sum(b.attn.indexer_loss for b in model.blocks) / len(model.blocks)

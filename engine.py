@@ -274,7 +274,7 @@ class _Graphs:
             self.copies[n].copy_(p.detach())
 
     def prefill(self, idx, pad, rows):
-        """prefill()'s forward of the distinct prompts idx (n, width), left-padded by pad (n,), into a cache of their
+        """_prefill's forward of the distinct prompts idx (n, width), left-padded by pad (n,), into a cache of their
         own, then row b of the kept cache from distinct row rows[b]: logits (B, V) after each row's prompt. The graphs
         of all widths share one memory pool, so each output is read before another prefill replays."""
         n, width = idx.shape
@@ -325,7 +325,7 @@ def _attn_out(block, x, y):
 def decode_block_fn(compiled=True):
     """Block.forward for a decoding step (a block_fn for hidden()) as two halves, each compiled, around the cache
     write and attention, which stay eager: compiled, the write into the cache (a CUDA graph's input) copied whole
-    cache layers. At GRPO's batch a step is bound by its kernel count, which this cuts by three. Dense blocks only."""
+    cache layers. At GRPO's batch a step is bound by its kernel count, which the fused halves cut. Dense blocks only."""
     pre, post = (torch.compile(f) if compiled else f for f in (_attn_in, _attn_out))
 
     def block_fn(block, x, cos, sin, cache, layer, mask):

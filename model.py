@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from attention import attend, packed_mask
 
 RESIDUAL = "autocast"  # the residual stream's dtype: "autocast" (bf16, as Megatron) | "fp32"; train.py sets it
-LOSS_CHUNK_ROWS = 4096  # rows of logits the loss makes at once: a few hundred MB of float32, never B x T x V
+LOSS_CHUNK_ROWS = 4096  # rows of logits the loss makes at once (4096 x V float32), never B x T x V
 
 
 @dataclass
@@ -86,6 +86,13 @@ def rope_tables(head_dim, length, theta):
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # the "rotate half" layout of Qwen/Llama
     return emb.cos(), emb.sin()
+
+
+def rope_at(cos, sin, T, positions=None):
+    """Tables (L, D) at positions (B, T) as (B, T, 1, D), or at 0..T-1 as (1, T, 1, D) when positions is None."""
+    if positions is None:
+        return cos[None, :T, None], sin[None, :T, None]
+    return cos[positions][:, :, None], sin[positions][:, :, None]
 
 
 def apply_rope(x, cos, sin):
@@ -272,14 +279,10 @@ class GPT(nn.Module):
             mask = packed_mask(seg, block_fn is not None and idx.is_cuda and not (self.training and self.cfg.dropout))
         elif T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.block_size})")
-        if mask is None:
-            cos, sin = self.rope_cos[None, :T, None], self.rope_sin[None, :T, None]
-        else:
-            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
-        extra = ()  # a DSA block's indexer RoPE and loss flag
-        if self.cfg.dsa_top_k:
-            import dsa
-            extra = dsa.block_args(self, idx, cache, positions, indexer_loss)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, T, positions)
+        extra = ()
+        if self.cfg.dsa_top_k:  # a SparseBlock's extra arguments: the indexer's RoPE at the same positions, the flag
+            extra = (rope_at(self.dsa_rope_cos, self.dsa_rope_sin, T, positions), indexer_loss)
         x = self.wte(idx)
         if self.embed_proj is not None:
             x = self.embed_proj(x)

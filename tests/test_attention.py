@@ -105,8 +105,8 @@ def test_available_without_triton(monkeypatch):
 
 
 def test_blocks_without_a_visible_slot_are_not_read():
-    """A kept cache (generate(keep_decoder=True)) is longer than what a row has written: blocks that no row may see are
-    skipped, not read and masked. NaN in those blocks' K and V would otherwise reach the output (0 x NaN)."""
+    """An Engine's kept cache is longer than what a row has written: blocks that no row may see are skipped, not
+    read and masked. NaN in those blocks' K and V would otherwise reach the output (0 x NaN)."""
     B, Hkv, R, D, S = 2, 2, 4, 72, 200
     g = torch.Generator().manual_seed(7)
     q = torch.randn(B, Hkv, R, D, generator=g).half()

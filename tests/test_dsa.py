@@ -1,7 +1,9 @@
 """DeepSeek Sparse Attention (dsa.py) on the CPU: exactness at k >= T, selection, causality, gradient
 isolation, the KL target, the indexer's hand-made gradient, KV-cache generation, loading a dense checkpoint."""
-import os
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 import attention
 import dsa
 import model as M
+from conftest import ROOT
 from model import GPT, make_config
 
 V = 320
@@ -218,25 +221,20 @@ def test_dense_stays_dense_and_errors_are_clear(monkeypatch):
 def test_dense_models_never_import_dsa_and_dsa_imports_first():
     """dsa.py is an opt-in: building and running a dense model leaves it unimported, and importing it before model.py
     (its base) makes no import cycle."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys, torch, model, engine; m = model.GPT(model.make_config('debug')); m.generate([[1, 2]], 2); "
             "assert 'dsa' not in sys.modules, 'dsa imported'; import dsa; "
             "print(type(model.GPT(model.make_config('debug', dsa_top_k=2)).blocks[0]).__name__)")
+    printed = []
     for c in (code, "import dsa, model; print(dsa.SparseBlock.__mro__[1].__name__)"):
-        p = subprocess.run([sys.executable, "-c", c], cwd=root, capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-c", c], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip() == "Block"
+        printed.append(p.stdout.strip())
+    assert printed == ["SparseBlock", "Block"]
 
 
 def test_bench_dsa_smoke_check_runs_every_part_on_the_cpu():
     """dev/bench_dsa.py's CPU check (speed, decode, quality at tiny sizes) keeps working after model changes."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, os.path.join(root, "dev", "bench_dsa.py"), "all", "--device", "cpu", "--tiny"],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "dev", "bench_dsa.py"), "all", "--device", "cpu", "--tiny"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "speed-up" in p.stdout and "indexer recall of the dense top-64" in p.stdout

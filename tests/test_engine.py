@@ -6,16 +6,7 @@ import torch
 import engine
 import model as M
 from engine import KVCache
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    m = M.GPT(M.make_config("debug", vocab_size=320, **kw)).eval()
-    with torch.no_grad():  # norms away from 1 so the test also checks where they are applied
-        for name, p in m.named_parameters():
-            if p.dim() == 1:
-                p.normal_(1.0, 0.2)
-    return m
+from test_model import tiny
 
 
 def test_batched_generation_of_different_lengths_matches_one_by_one():
@@ -142,7 +133,7 @@ def test_generation_with_bf16_weights():
 
 
 def test_compiled_prefill_gives_the_eager_tokens():
-    """generate(compile=True): the prompt block through torch.compile (inductor on the CPU, ~20 s) writes the
+    """generate(compile=True): the prompt block through torch.compile (inductor on the CPU) writes the
     same KV cache, so greedy decoding continues to the same tokens, for two prompt-block shapes."""
     m = tiny()
     for prompts in ([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], [[3] * 9, [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]):

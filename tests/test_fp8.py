@@ -68,11 +68,10 @@ def test_shapes_measured_slower_stay_in_bf16(monkeypatch):
 
 def test_fp8_does_not_import_model():
     """fp8.py applies to a built model (train.py, bench.py call convert_to_fp8): no fp8 <-> model import cycle."""
-    import os
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-c", "import sys, fp8; print('model' in sys.modules)"], cwd=root,
+    from conftest import ROOT
+    p = subprocess.run([sys.executable, "-c", "import sys, fp8; print('model' in sys.modules)"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr[-2000:]
 
