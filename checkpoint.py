@@ -72,12 +72,21 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def read_checkpoint(source):
+    """A checkpoint .pt, or a Qwen3-layout folder read as one (load_hf_folder). -> checkpoint dict."""
+    return load_hf_folder(source) if os.path.isdir(source) else load_checkpoint(source)
+
+
+def step_checkpoints(out_dir):
+    """The names ckpt_<step>.pt in out_dir, oldest step first (by number: past 9,999,999 the names grow a digit)."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((n for n in names if re.fullmatch(r"ckpt_\d+\.pt", n)), key=lambda n: int(n[5:-3]))
+
+
 def latest_checkpoint(out_dir, map_location="cpu"):
     """The newest checkpoint in out_dir that loads: ckpt.pt, else ckpt_<step>.pt newest first (says which it took).
     -> (path, checkpoint dict)."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    rotated = sorted((n for n in names if re.fullmatch(r"ckpt_\d+\.pt", n)), key=lambda n: -int(n[5:-3]))
-    candidates = [os.path.join(out_dir, n) for n in ["ckpt.pt"] + rotated]
+    candidates = [os.path.join(out_dir, n) for n in ["ckpt.pt"] + step_checkpoints(out_dir)[::-1]]
     failed = []
     for path in candidates:
         if not os.path.isfile(path):
@@ -119,7 +128,7 @@ def load_model(source, device="cpu", strict=True, name=None, **overrides):
     if isinstance(source, dict):
         ckpt, name = source, name or "the checkpoint"
     else:
-        ckpt, name = (load_hf_folder(source) if os.path.isdir(source) else load_checkpoint(source)), source
+        ckpt, name = read_checkpoint(source), source
     model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -209,7 +218,6 @@ def _hf_tokenizer_entry(folder):
     """The checkpoint's "tokenizer" entry for the folder's tokenizer.json: "gpt2" when it is exactly GPT-2's BPE
     (so data prepared with tiktoken matches it), else the file's path; None when the folder has none."""
     import hashlib
-    import json
     from tokenizer import hf_tokenizer
     path = os.path.join(os.path.abspath(folder), "tokenizer.json")
     if not os.path.isfile(path):
@@ -224,11 +232,11 @@ def _hf_tokenizer_entry(folder):
     tok = hf_tokenizer(path)  # the vocab size and EOS that tokenizer.load_tokenizer will check against
     return {"tokenizer": path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
 
+
 def load_hf_folder(folder):
     """Read config.json + model.safetensors (or its shards) of a Qwen3ForCausalLM folder into a checkpoint dict
     (kind "hf": weights, model config and tokenizer; no optimizer, step 0). Anything we cannot represent exactly
     (other architectures, biases, sliding windows, RoPE scaling, pickled .bin weights) is refused with one line."""
-    import json
     from dataclasses import asdict
     from safetensors.torch import load_file
     from model import from_hf_state_dict, to_hf_state_dict

@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import attention as A
 import fp8
 import model as M
-from checkpoint import (check_tokenizer, latest_checkpoint, load_checkpoint, load_hf_folder, load_model,
-                        remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
+from checkpoint import (check_tokenizer, latest_checkpoint, load_model, read_checkpoint, remove_stale_temps,
+                        rng_state, run_logger, save_checkpoint, set_rng_state, setup_device, step_checkpoints,
                         stop_signals)
 from configurator import configure
 from model import GPT, GPTConfig, make_config
@@ -219,8 +219,7 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
         names = [f"ckpt_{step:07d}.pt"] * (keep_checkpoints > 0) + ["best.pt"] * is_best
         ok = save_checkpoint(path, ckpt, [os.path.join(out_dir, n) for n in names])  # warns when it fails
         if ok:
-            old = [f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f)]
-            old.sort(key=lambda f: int(f[5:-3]))  # by step: past 9,999,999 the names grow a digit
+            old = step_checkpoints(out_dir)
             try:
                 for name in old[:len(old) - keep_checkpoints]:
                     os.remove(os.path.join(out_dir, name))
@@ -236,7 +235,7 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
 
 # ------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    _defaults = {"preset": preset, "model_overrides": model_overrides}  # not a config key: what a resume was given
+    _default_preset = preset  # not a config key: tells a --preset given on the command line from the default
     config = configure(globals())
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
@@ -245,13 +244,20 @@ if __name__ == "__main__":
                          "use parallel=ddp or optimizer=adamw")
     if precision not in ("bf16", "fp8"):
         raise SystemExit(f"unknown precision={precision!r}; use 'bf16' or 'fp8'")
+    if parallel not in ("ddp", "fsdp"):
+        raise SystemExit(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+    tokens_per_step = micro_batch * block_size * grad_accum * WORLD
+    for until, stage_block, stage_batch in curriculum:
+        if tokens_per_step % (stage_block * stage_batch * WORLD):
+            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide "
+                             f"{tokens_per_step} tokens per step")
     dev, autocast, dtype = setup_device(device, dtype, seed + RANK, LOCAL_RANK)
     if WORLD > 1:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     A.ATTENTION, M.RESIDUAL = attention, residual
-    if RANK == 0:
+    if RANK == 0 and not eval_only:  # eval_only may read a run that is still writing: its temp files are live
         remove_stale_temps(out_dir)
 
     # ---- data (checked before any GPU work) ----
@@ -271,11 +277,15 @@ if __name__ == "__main__":
         if m["tokenizer"] != meta["tokenizer"] or m["vocab_size"] != meta["vocab_size"]:
             raise SystemExit(f"eval set {name} ({path}) uses tokenizer {m['tokenizer']}/{m['vocab_size']}, "
                              f"the training data {meta['tokenizer']}/{meta['vocab_size']}")
+        if split not in m["splits"]:
+            raise SystemExit(f"eval set {name}: {path} has no {split} split; prepare it with prepare_data.py")
         info = m["splits"][split]
         if not info["tokens"]:  # e.g. an empty val split: train on, without this eval
             log0(f"eval set {name}: {path} has no {split} tokens; skipping its eval")
             continue
         val_sets[name] = (Batches(path, split, m, 0, 0).shards[0], info["tokens"] / max(1, info["bytes"]))
+    if eval_only and not val_sets:
+        raise SystemExit(f"eval_only: no validation tokens in {data_dir} or eval_sets")
 
     # ---- model ----
     start_step, tokens_seen, best_val_loss, ckpt = 0, 0, float("inf"), None
@@ -294,10 +304,10 @@ if __name__ == "__main__":
                 raise SystemExit(f"--init_from={init_from} is in out_dir, where this run's checkpoints would overwrite "
                                  "or delete it: --init_from=resume continues that run; or start from it in another "
                                  "out_dir")
-            ckpt = load_hf_folder(init_from) if os.path.isdir(init_from) else load_checkpoint(init_from)
+            ckpt = read_checkpoint(init_from)
         check_tokenizer(ckpt, meta, source, data_dir)
         ran = ckpt.get("config") or {}
-        if preset != _defaults["preset"] and preset != ran.get("preset", preset):
+        if preset != _default_preset and preset != ran.get("preset", preset):
             message = f"preset {preset!r} is not {source}'s ({ran['preset']!r}): the model comes from the checkpoint"
             if init_from == "resume":
                 raise SystemExit(f"{message}; drop --preset to resume, or use another out_dir")
@@ -306,6 +316,10 @@ if __name__ == "__main__":
         if init_from == "resume" and changed:
             raise SystemExit(f"model_overrides {changed} differ from {source}'s model; a resumed run continues that "
                              f"model: drop them, or start from it with --init_from={source} and another out_dir")
+        trained_with = ran.get("optimizer", "adamw")
+        if init_from == "resume" and trained_with != optimizer:
+            raise SystemExit(f"{source} was trained with optimizer={trained_with}; resume with --optimizer="
+                             f"{trained_with}, or --init_from={source} with another out_dir keeps its weights only")
         config["preset"] = ran.get("preset", preset)  # config.json and the checkpoints record what ran
         if init_from == "resume":
             config["model_overrides"] = ran.get("model_overrides", model_overrides)
@@ -332,8 +346,6 @@ if __name__ == "__main__":
             raise SystemExit(f"trainable={trainable!r} matches no parameter name")
     raw_model.to(dev)
     FSDP = WORLD > 1 and parallel == "fsdp"
-    if parallel not in ("ddp", "fsdp"):
-        raise SystemExit(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
     if FSDP:  # shard each block, then the rest (embeddings, head); the optimizer then holds only this rank's shard
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         for block in raw_model.blocks:
@@ -344,10 +356,6 @@ if __name__ == "__main__":
     optimizers = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), dev.type, muon=muon)
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]  # muon: [Muon, AdamW]
     if init_from == "resume":
-        trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
-        if trained_with != optimizer:
-            raise SystemExit(f"{source} was trained with optimizer={trained_with}; resume with --optimizer="
-                             f"{trained_with}, or --init_from={source} with another out_dir keeps its weights only")
         try:
             set_optimizer_state_dict(raw_model, optimizers, ckpt["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
@@ -363,11 +371,6 @@ if __name__ == "__main__":
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[LOCAL_RANK] if dev.type == "cuda" else None)
 
-    tokens_per_step = micro_batch * block_size * grad_accum * WORLD
-    for until, stage_block, stage_batch in curriculum:
-        if tokens_per_step % (stage_block * stage_batch * WORLD):
-            raise SystemExit(f"curriculum stage ({until}, {stage_block}, {stage_batch}) does not divide "
-                             f"{tokens_per_step} tokens per step")
     # steps left from the tokens left: a run resumed with another batch or GPU count still stops at max_tokens
     max_steps = start_step + max(0, math.ceil((max_tokens - tokens_seen) / tokens_per_step))
     if RANK == 0:
@@ -382,8 +385,6 @@ if __name__ == "__main__":
              f"{max_steps:,} steps")
 
     if eval_only:
-        if not val_sets:
-            raise SystemExit(f"eval_only: no validation tokens in {data_dir} or eval_sets")
         print_eval(evaluate(model, val_sets))
         sys.exit(0)
 

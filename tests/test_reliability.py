@@ -150,8 +150,10 @@ def test_init_from_a_checkpoint_in_its_own_out_dir_is_refused(data):
             f"--init_from={out / name} is in out_dir, where this run's checkpoints would overwrite or delete it: "
             "--init_from=resume continues that run; or start from it in another out_dir")
     assert checkpoint.load_checkpoint(str(out / "ckpt_0000005.pt"))["step"] == 5  # untouched
+    (out / "ckpt.pt.tmp4194305").write_bytes(b"a save in progress")  # the run may still be training
     p = run(data, f"--out_dir={out}", f"--init_from={out / 'ckpt.pt'}", "--eval_only=True")  # writes no checkpoint
     assert "eval val: loss" in p.stdout
+    assert (out / "ckpt.pt.tmp4194305").exists()  # eval_only owns no out_dir: it leaves temporary files alone
 
 
 def test_zero_byte_checkpoint_is_one_line_naming_it(tmp_path):

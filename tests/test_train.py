@@ -197,6 +197,18 @@ def test_named_validation_sets_are_reported_separately(data, tmp_path_factory):
     assert r["val/loss"] != r["books/loss"] and r["books/tokens"] == 512
 
 
+def test_eval_set_without_a_val_split_is_one_clear_error(data, tmp_path_factory):
+    other = tmp_path_factory.mktemp("books")
+    make_dataset(other / "data", seed=3)
+    meta = json.load(open(other / "data" / "meta.json"))
+    del meta["splits"]["val"]
+    json.dump(meta, open(other / "data" / "meta.json", "w"))
+    p = run(data, f"--out_dir={data / 'nv'}", f"--eval_sets={{'books': '{other / 'data'}'}}", check=False)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1] == f"eval set books: {other / 'data'} has no val split; prepare it with " \
+                                                "prepare_data.py"
+
+
 def test_ddp_two_processes_on_cpu(data):
     """torchrun with 2 CPU processes (gloo): same tokens per step, one all-reduce per step, rank 0 logs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
