@@ -11,54 +11,17 @@ Multiple choice (medqa / medmcqa / pubmedqa), two ways, each with a Wilson 95% i
   generate  greedy completion, letter extracted by tasks.py; unparsable = no letter found.
 GSM8K and addition: greedy completion, number extracted and compared exactly (tasks.py normalises it).
 The functions live in grpo.py (grpo.py's eval_only runs the same code). A bad --data file stops with its
-file:line and what is wrong with that line.
+file:line and what is wrong with that line (grpo.check_data).
 """
 import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
 
-import torch
-
-import grpo
 import attention as A
+import grpo
 import tasks
-
-MCQ_FIELDS = ("question", "options", "answer_idx")
-
-
-def check_data(path, task):
-    """Check every row of a --data jsonl as tasks.load_task will read it: a bad line is one error with file:line."""
-    need = {"gsm8k": ("question", "answer"), "addition": ("prompt", "answer")}.get(task, MCQ_FIELDS)
-    rows = 0
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            where = f"{path}:{i}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"{where}: not UTF-8 at byte {e.start} of the line; re-encode the file as UTF-8")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{where}: bad JSON ({e})")
-            if not isinstance(row, dict):
-                raise SystemExit(f"{where}: a row must be a JSON object, not {type(row).__name__}")
-            if not {"prompt", "answer"} <= row.keys():  # uniform rows (prompt/answer) suit every task
-                missing = [k for k in need if k not in row]
-                if missing:
-                    raise SystemExit(f"{where}: a {task} row needs the fields {', '.join(need)} (or prompt and "
-                                     f"answer); missing {', '.join(missing)}; fields are {sorted(row)}")
-                opts, ans = row.get("options"), row.get("answer_idx")
-                if "options" in need and not (isinstance(opts, dict) and isinstance(ans, str) and ans in opts):
-                    keys = sorted(opts) if isinstance(opts, dict) else opts
-                    raise SystemExit(f"{where}: answer_idx {ans!r} is not one of the options {keys!r}")
-            rows += 1
-    if not rows:
-        raise SystemExit(f"{path}: no examples (the file is empty)")
+from checkpoint import setup_device
 
 
 def main(argv=None):
@@ -80,18 +43,12 @@ def main(argv=None):
     ap.add_argument("--show", type=int, default=0, help="print this many greedy completions")
     a = ap.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no GPU is visible; use --device cpu")
-    dev = torch.device(device)
-    dtype = ("bfloat16" if dev.type == "cuda" else "float32") if a.dtype == "auto" else a.dtype
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    dev, autocast, dtype = setup_device(a.device, a.dtype)  # as grpo.py's eval_only
     lo, _, hi = a.digits.partition("-")
-    if a.data and os.path.isfile(a.data):
-        check_data(a.data, a.task)
     examples = grpo.load_examples(a.task, a.data, a.n, a.seed, a.shuffle_options, "eval", (int(lo), int(hi or lo)))
     if not examples:  # an accuracy over nothing would print 0.0000 and exit 0
-        raise SystemExit(f"no {a.task} examples in {a.data or 'the generated/HF split'}")
+        raise SystemExit(f"{a.data}: no examples (the file is empty)" if a.data else
+                         f"no {a.task} examples in the generated/HF split")
     model, tok, ckpt = grpo.load_model_and_tokenizer(a.ckpt, dev)
     print(f"{a.ckpt} ({ckpt.get('kind', '?')}, step {ckpt.get('step', '?')}): {model.num_params():,} parameters, "
           f"tokenizer {ckpt['tokenizer']['tokenizer']}; {len(examples)} {a.task} examples from "

@@ -477,11 +477,43 @@ def grpo_step(policy, ref, optimizer, tok, examples, lr_now, autocast=nullcontex
 
 
 # ---- evaluation (also used by eval.py) ---------------------------------------------------------------------
+def check_data(path, task):
+    """Check every row of a task jsonl as tasks.load_task will read it: a bad line is one error with file:line."""
+    mcq = ("question", "options", "answer_idx")
+    need = {"gsm8k": ("question", "answer"), "addition": ("prompt", "answer")}.get(task, mcq)
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{where}: not UTF-8 at byte {e.start} of the line; re-encode the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{where}: bad JSON ({e})")
+            if not isinstance(row, dict):
+                raise SystemExit(f"{where}: a row must be a JSON object, not {type(row).__name__}")
+            if not {"prompt", "answer"} <= row.keys():  # uniform rows (prompt/answer) suit every task
+                missing = [k for k in need if k not in row]
+                if missing:
+                    raise SystemExit(f"{where}: a {task} row needs the fields {', '.join(need)} (or prompt and "
+                                     f"answer); missing {', '.join(missing)}; fields are {sorted(row)}")
+                opts, ans = row.get("options"), row.get("answer_idx")
+                if "options" in need and not (isinstance(opts, dict) and isinstance(ans, str) and ans in opts):
+                    keys = sorted(opts) if isinstance(opts, dict) else opts
+                    raise SystemExit(f"{where}: answer_idx {ans!r} is not one of the options {keys!r}")
+
+
 def load_examples(name, path, n=0, seed=0, shuffle=False, split="train", digits=(1, 4)):
     """tasks.load_task with this file's conventions: path "" = generated (addition) or the HF hub; n 0 = all."""
     if path and not os.path.isfile(path):
         raise SystemExit(f"no data file {path} for task {name}; point train_data / eval_data (or --data) at a jsonl "
                          "of that schema")
+    if path:  # a bad row is one line with file:line, not a traceback from tasks.load_task
+        check_data(path, name)
     if name == "addition" and not path:  # generated; train and eval splits are disjoint by construction
         return tasks.load_task("addition", None, n=n or (1000 if split == "eval" else 100_000), seed=seed, split=split,
                                digits=tuple(digits))
@@ -675,7 +707,8 @@ if __name__ == "__main__":
                          f"{policy.cfg.block_size}")
 
     os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temps(out_dir)  # a killed save's temporary file: this run owns out_dir
+    if not eval_only:  # a killed save's temporary file: this run owns out_dir (eval_only may read a live run's)
+        remove_stale_temps(out_dir)
     print(json.dumps(config, indent=1))
     print(f"switches: ATTENTION={A.ATTENTION} RESIDUAL={M.RESIDUAL} LOSS_CHUNK_ROWS={M.LOSS_CHUNK_ROWS} "
           f"dtype={dtype} device={dev} checkpoint_activations={checkpoint_activations} compile={compile} "

@@ -543,6 +543,17 @@ def test_user_errors_name_the_real_problem(tmp_path):
                     f"(kind 'pretrain'): start with --init_from={path}")
 
 
+def test_a_bad_prompt_file_is_one_line_with_file_and_line(tmp_path):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    row = '{"question": "Largest bone?", "options": {"A": "femur", "B": "ulna"}, "answer_idx": "A"}\n'
+    good.write_text(row)
+    bad.write_text(row + '{"question": "cut off\n')
+    for train_data, eval_data in ((bad, good), (good, bad)):
+        _, last = run_grpo("--task=medqa", "--eval_task=medqa", f"--train_data={train_data}",
+                           f"--eval_data={eval_data}", cwd=tmp_path, ok=False)
+        assert last.startswith(f"{bad}:2: bad JSON ("), last
+
+
 def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
     common = ["--train_n=500", "--eval_n=20", "--eval_every=0", "--prompts_per_step=4", "--samples_per_prompt=4",
               "--micro_batch=7", "--updates_per_batch=2"]
@@ -567,9 +578,11 @@ def test_debug_run_resumes_exactly_and_logs_every_metric(tmp_path):
 
 
 def test_eval_only_and_config_errors(tmp_path):
+    (tmp_path / "ckpt.pt.tmp4242").write_bytes(b"a save in progress")  # out_dir's run may still be training
     out = run_grpo("--eval_only=True", "--eval_n=10", f"--out_dir={tmp_path}", cwd=tmp_path)
     res = json.load(open(os.path.join(tmp_path, "eval.json")))
     assert res["eval_generate_n"] == 10 and 0 <= res["eval_generate_acc"] <= 1 and "eval step 0" in out
+    assert (tmp_path / "ckpt.pt.tmp4242").exists()  # eval_only leaves a live run's temporary files alone
     _, last = run_grpo("--task=medqa", "--train_data=/nonexistent.jsonl", cwd=tmp_path, ok=False)
     assert "no data file /nonexistent.jsonl" in last
     _, last = run_grpo("--temperture=1.0", cwd=tmp_path, ok=False)
