@@ -10,7 +10,7 @@ import time
 import torch
 
 import attention as A
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model, setup_device
 from tokenizer import load_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,21 +41,19 @@ def read_start(start):
 
 
 def main(args):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dev, autocast, _ = setup_device(args.device)  # bfloat16 autocast on GPU, float32 on CPU
     A.ATTENTION = args.attention
     start = read_start(args.start)  # before the checkpoint loads: a typo fails at once
     ckpt = load_checkpoint(args.ckpt)
     tok = load_tokenizer(ckpt["tokenizer"])
-    model = load_model(ckpt, device)[0].eval()
+    model = load_model(ckpt, dev)[0].eval()
     prompt = tok.encode(start) or [tok.eos_id]  # an empty prompt starts from a document boundary
-    generator = torch.Generator(device).manual_seed(args.seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    generator = torch.Generator(dev).manual_seed(args.seed)
     t0 = time.time()
     with autocast:
         out, lengths = model.generate([prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
                                       args.top_p, eos_id=tok.eos_id, generator=generator)
-    if device == "cuda":
+    if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.time() - t0
     for row, n in zip(out.tolist(), lengths.tolist()):

@@ -50,3 +50,9 @@ def test_start_file_errors_are_one_line(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"^sample.py: error: the prompt file .*latin1.txt is not UTF-8 "
                                          r"\(byte offset 7\)$"):
         sample_cli("--ckpt", ckpt, "--start", f"FILE:{tmp_path / 'latin1.txt'}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(ckpt):
+    with pytest.raises(SystemExit, match=r"^device=cuda but no GPU is visible"):
+        sample.main(sample.parser.parse_args(["--ckpt", ckpt, "--device", "cuda"]))
