@@ -63,6 +63,8 @@ EXTS = (".parquet", ".jsonl", ".txt")
 CHUNK = 1 << 20  # tokens per interleaved run of a mixture
 SPLITS = ("train", "val", "unseen_authors")
 AUTHOR = "author"  # the column / field --holdout-authors groups documents by
+# held-out authors are picked among those with at most this share of the bytes: one prolific author would make
+# the split large and erratic
 HOLDOUT_MAX_SHARE = 0.03
 # every temp file name a run writes, with its pid (older versions wrote none): what a later run may clean up
 TMP_NAME = re.compile(r"\.tmp\.(?:(\d+)\.)?(?:src\d+\.bin|val\.raw|unseen\.raw|meta\.json|tokenizer\.json"
@@ -260,7 +262,6 @@ def pick_authors(sources, args):
                 if author is not None and n:
                     d, b = sizes.get(author, (0, 0))
                     sizes[author] = (d + 1, b + n)
-    # pick only among authors with <= 3% of the bytes each: one prolific author would make the split large and erratic
     eligible = sorted(a for a, (_, b) in sizes.items() if b <= HOLDOUT_MAX_SHARE * total)
     if len(eligible) < args.holdout_authors:
         die(f"--holdout-authors {args.holdout_authors}: only {len(eligible)} of the {len(sizes)} authors have at most "

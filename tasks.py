@@ -332,9 +332,9 @@ def has_runaway_repetition(seq, **rule):
 
 def runaway_repetition_rows(rows, max_period=32, min_repeats=3, min_span=12, ngram=16, max_ngram_count=3):
     """has_runaway_repetition of many rows of token ids (>= 0) at once -> bool array: numpy passes over a GRPO step's
-    samples (a call per sample cost ~40% of grpo.score()). Repeated units: eq[i, d] = (a[i + d] == a[i]) for d up to
-    max_period, whose run of True ending at i is how far a unit of d tokens has repeated. Repeated n-grams: a 64-bit
-    hash of every window, sorted per row; rows where one hash comes max_ngram_count times are checked exactly."""
+    samples (a call per sample was a large part of grpo.score()). Repeated units: eq[i, d] = (a[i + d] == a[i]) for d
+    up to max_period, whose run of True ending at i is how far a unit of d tokens has repeated. Repeated n-grams: a
+    64-bit hash of every window, sorted per row; rows where one hash comes max_ngram_count times are checked exactly."""
     n = np.array([len(r) for r in rows], dtype=np.int64)
     L = int(n.max(initial=0))
     out = np.zeros(len(rows), dtype=bool)
