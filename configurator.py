@@ -5,7 +5,8 @@ Overrides for the module-level defaults of train.py / grpo.py (nanoGPT style, wi
 
 A config file is plain Python; each name it defines (not starting with _) must already be a default,
 and --key=value must name one too. Values keep the default's type (an int may stand for a float, a
-whole float like 2e9 for an int; a default of None takes anything). Anything else is one clear error.
+whole float like 2e9 for an int; a default of None takes anything, and only it takes None). Anything else is one
+clear error.
 """
 import ast
 import sys
@@ -13,7 +14,7 @@ import traceback
 
 
 def _coerce(key, value, default):
-    if default is None or value is None:
+    if default is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):

@@ -248,3 +248,10 @@ def test_whole_floats_are_ints_for_int_keys():
     with pytest.raises(SystemExit) as e:
         configure(defaults, ["--max_tokens=2.5"])
     assert str(e.value) == "config error: max_tokens must be int (default 2000000000), got 2.5"
+
+
+def test_none_is_refused_for_a_key_whose_default_is_not_none():
+    with pytest.raises(SystemExit) as e:  # it used to pass and crash later with a traceback (lr * None)
+        configure({"lr": 0.1, "ref_from": None}, ["--lr=None"])
+    assert str(e.value) == "config error: lr must be float (default 0.1), got None"
+    assert configure({"lr": 0.1, "ref_from": None}, ["--ref_from=None"]) == {"lr": 0.1, "ref_from": None}
