@@ -8,6 +8,7 @@ Pretraining. Defaults are the module-level variables below; override them with c
 Reads data_dir/{train,val}.bin + meta.json (prepare_data.py), calls model.py, writes out_dir/ckpt.pt (atomic; separate
 copies ckpt_<step>.pt of the last K and best.pt by val loss), out_dir/log.jsonl and out_dir/config.json (what ran).
 """
+import itertools
 import json
 import math
 import os
@@ -165,15 +166,16 @@ def evaluate(model, sets):
     """Loss, perplexity, bits per token and byte, next-token accuracy on each validation set."""
     model.eval()
     results = {}
-    for name, (tokens, tokens_per_byte) in sets.items():
-        T = block_size
-        n_windows = min((len(tokens) - 1) // T, max(1, eval_tokens // T))
+    for name, (shards, tokens_per_byte) in sets.items():
+        T = block_size  # the first eval_tokens of the split in contiguous windows, shard after shard
+        windows = list(itertools.islice(((s, i * T) for s in shards for i in range((len(s) - 1) // T)),
+                                        max(1, eval_tokens // T)))
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         count = torch.zeros((), dtype=torch.float64, device=dev)
-        for w0 in range(RANK * micro_batch, n_windows, WORLD * micro_batch):  # ranks take disjoint windows
-            starts = range(w0 * T, min(w0 + micro_batch, n_windows) * T, T)
-            xy = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)).to(dev)
+        for w0 in range(RANK * micro_batch, len(windows), WORLD * micro_batch):  # ranks take disjoint windows
+            rows = [shard[a:a + T + 1] for shard, a in windows[w0:w0 + micro_batch]]
+            xy = torch.from_numpy(np.stack(rows).astype(np.int64)).to(dev)
             with autocast:
                 losses, hits = raw_model.token_stats(xy[:, :-1], xy[:, 1:])
             loss_sum += losses.double().sum()
@@ -283,7 +285,7 @@ if __name__ == "__main__":
         if not info["tokens"]:  # e.g. an empty val split: train on, without this eval
             log0(f"eval set {name}: {path} has no {split} tokens; skipping its eval")
             continue
-        val_sets[name] = (Batches(path, split, m, 0, 0).shards[0], info["tokens"] / max(1, info["bytes"]))
+        val_sets[name] = (Batches(path, split, m, 0, 0).shards, info["tokens"] / max(1, info["bytes"]))
     if eval_only and not val_sets:
         raise SystemExit(f"eval_only: no validation tokens in {data_dir} or eval_sets")
 

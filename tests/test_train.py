@@ -271,3 +271,19 @@ def test_resume_refuses_an_optimizer_state_keyed_by_index(data):
     checkpoint.save_checkpoint(str(path), ckpt)
     p = run(data, f"--out_dir={data / 'o'}", "--init_from=resume", "--max_tokens=1280", check=False)
     assert p.returncode != 0 and "no optimizer state keyed by parameter name" in p.stderr.strip().splitlines()[-1]
+
+
+def test_eval_reads_every_shard_of_a_sharded_split(data):
+    """A split in several files (prepare_data --shard-tokens) is evaluated across all of them, not its first only."""
+    ids = np.fromfile(data / "data" / "val.bin", dtype=np.uint16)
+    halves = np.array_split(ids, 2)
+    for i, part in enumerate(halves):
+        part.tofile(data / "data" / f"val_{i:03d}.bin")
+    meta = json.load(open(data / "data" / "meta.json"))
+    meta["splits"]["val"]["files"] = ["val_000.bin", "val_001.bin"]
+    json.dump(meta, open(data / "data" / "meta.json", "w"))
+    run(data, "--max_tokens=640", f"--out_dir={data / 'o'}")
+    p = run(data, "--eval_only=True", f"--init_from={data / 'o' / 'ckpt.pt'}", "--eval_tokens=1000000",
+            f"--out_dir={data / 'o'}")
+    windows = sum((len(part) - 1) // 32 for part in halves)  # block_size 32
+    assert f"({windows * 32:,} tokens)" in p.stdout, p.stdout[-1500:]
