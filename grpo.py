@@ -7,8 +7,8 @@ train.py: the defaults below, overridden by config files and --key=value.
     python grpo.py config/usmle.py --eval_only=True --init_from=out/usmle/ckpt.pt
 
 One step (DeepSeekMath's GRPO, with DeepSeek-V3.2's unbiased KL and off-policy sequence masking, DAPO's loss sum):
-  1. P prompts x G samples from engine.py (batched, an Engine keeps the KV cache; prompts prefilled once) at `temperature`
-     (top-k / top-p optional);
+  1. P prompts x G samples from engine.py (batched; an Engine keeps the KV cache; each prompt prefilled once) at
+     `temperature` (top-k / top-p optional);
   2. rewards (tasks.py); advantage A_i = (r_i - mean_group) / (std_group + eps), or without the std (Dr. GRPO);
      groups whose rewards are all equal carry no signal and are dropped (frac_zero_std);
   3. old and reference log-probs of the sampled tokens, by the same code and in the same micro-batches as training;
