@@ -143,7 +143,8 @@ def test_quality_script_runs_variants_and_prints_the_table(data):
                                         "bytes": 2 * meta["splits"]["val"]["tokens"]}  # val's tokens at 2 bytes each
     json.dump(meta, open(fake / "meta.json", "w"))
     env = {**os.environ, "CPU": "1", "DATA": str(data / "fake"), "Q_DIR": str(data / "q"),
-           "VARIANTS": "base:;muon:--optimizer=muon --max_tokens=640 --model_overrides={'n_layer':2,'dropout':0.1}"}
+           "PER_GPU": "2",
+           "VARIANTS": "base:--optimizer=adamw;muon:--optimizer=muon --max_tokens=640 --model_overrides={'n_layer':2,'dropout':0.1}"}
     p = subprocess.run(["bash", os.path.join(root, "dev", "quality.sh")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -155,4 +156,5 @@ def test_quality_script_runs_variants_and_prints_the_table(data):
         assert unseen == pytest.approx(last["val/bpb"] / 2, abs=1e-4)
         assert val == pytest.approx(last["val/bpb"], abs=1e-4)
     assert json.load(open(data / "q" / "muon" / "config.json"))["optimizer"] == "muon"
+    assert json.load(open(data / "q" / "base" / "config.json"))["optimizer"] == "adamw"
     assert open(data / "q" / "table_gutenberg.txt").read() in p.stdout
