@@ -25,18 +25,18 @@ export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFF
 # The rows of BENCHMARKS.md's table, in its order. The config now: Muon, 1400 steps, dropout 0, weight decay 1.0 (head)
 # and 0.2 (Muon). OLD puts back the earlier config's regularisation (dropout 0.1, weight decay 0.1 and 0.01).
 S=$((32 * 1024))  # tokens per step
-MO="--model_overrides={'n_layer':12"  # config/gutenberg.py's model_overrides, to be closed with more fields
-OLD="$MO,'dropout':0.1} --weight_decay=0.1 --muon_weight_decay=0.01"
+MO="--model_overrides={'n_layer':12"  # config/gutenberg.py's model_overrides, closed with more fields (in quotes)
+OLD_WD="--weight_decay=0.1 --muon_weight_decay=0.01"
+OLD="$MO,'dropout':0.1} $OLD_WD"
 row() { echo "$1:--max_tokens=$(($2 * S)) --eval_every_steps=$2 ${*:3}"; }  # name, steps, flags: one eval, at the end
 GUTENBERG_VARIANTS="$(row adamw_1800 1800 --optimizer=adamw $OLD);$(row adamw_1490 1490 --optimizer=adamw $OLD);\
 $(row muon_1050 1050 $OLD);$(row muon_1650 1650 $OLD);$(row ctx2048 1050 $OLD --block_size=2048 --micro_batch=16);\
-$(row drop0 1050 $MO,'dropout':0.0} --weight_decay=0.1 --muon_weight_decay=0.01);\
-$(row drop2 1050 $MO,'dropout':0.2} --weight_decay=0.1 --muon_weight_decay=0.01);\
-$(row wd 1050 $MO,'dropout':0.1} --weight_decay=0.5 --muon_weight_decay=0.1);$(row d1_wd2 1050 $MO,'dropout':0.1});\
-$(row drop0_wd2 1050);$(row wd4_1400 1400 --weight_decay=2.0 --muon_weight_decay=0.4);\
-$(row adamw_wd_1900 1900 --optimizer=adamw);config:"
+$(row drop0 1050 "$MO,'dropout':0.0}" $OLD_WD);$(row drop2 1050 "$MO,'dropout':0.2}" $OLD_WD);\
+$(row wd 1050 "$MO,'dropout':0.1}" --weight_decay=0.5 --muon_weight_decay=0.1);\
+$(row d1_wd2 1050 "$MO,'dropout':0.1}");$(row drop0_wd2 1050);\
+$(row wd4_1400 1400 --weight_decay=2.0 --muon_weight_decay=0.4);$(row adamw_wd_1900 1900 --optimizer=adamw);config:"
 # config/shakespeare_char.py now (Muon, weight decay 1.0 and 0.2), Muon with the usual decay, nanoGPT's AdamW recipe
-SHAKESPEARE_VARIANTS="config:;muon:--muon_weight_decay=0.01 --weight_decay=0.1;adamw:--optimizer=adamw --weight_decay=0.1"
+SHAKESPEARE_VARIANTS="config:;muon:$OLD_WD;adamw:--optimizer=adamw --weight_decay=0.1"
 case $MODE in
     gutenberg) CONFIG=config/gutenberg.py; NAME=gutenberg; VARIANTS=${VARIANTS:-$GUTENBERG_VARIANTS} ;;
     shakespeare) CONFIG=config/shakespeare_char.py; NAME=shakespeare_char

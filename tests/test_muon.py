@@ -131,24 +131,32 @@ def test_logit_softcap_in_logits_and_loss():
     assert torch.equal(model.logits(model.hidden(idx)), z)
 
 
-def test_quality_script_runs_variants_and_prints_the_table(data):
-    """dev/quality.sh's CPU smoke mode on a fake dataset with an unseen_authors split: two variants side by side,
-    then the table row of each, read from its log.jsonl."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def quality_env(data):
+    """dev/quality.sh's CPU smoke mode on a fake dataset with an unseen_authors split (val's tokens at 2 bytes each)."""
     fake = data / "fake" / "gutenberg"
     make_dataset(fake)
     meta = json.load(open(fake / "meta.json"))
     os.link(fake / "val.bin", fake / "unseen.bin")
     meta["splits"]["unseen_authors"] = {"files": ["unseen.bin"], "tokens": meta["splits"]["val"]["tokens"],
-                                        "bytes": 2 * meta["splits"]["val"]["tokens"]}  # val's tokens at 2 bytes each
+                                        "bytes": 2 * meta["splits"]["val"]["tokens"]}
     json.dump(meta, open(fake / "meta.json", "w"))
-    env = {**os.environ, "CPU": "1", "DATA": str(data / "fake"), "Q_DIR": str(data / "q"),
-           "PER_GPU": "2",
-           "VARIANTS": "base:--optimizer=adamw;muon:--optimizer=muon --max_tokens=640 --model_overrides={'n_layer':2,'dropout':0.1}"}
+    return {**os.environ, "CPU": "1", "DATA": str(data / "fake"), "Q_DIR": str(data / "q"), "PER_GPU": "2"}
+
+
+def run_quality(env):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run(["bash", os.path.join(root, "dev", "quality.sh")], env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in p.stdout.splitlines()
+    return p.stdout
+
+
+def test_quality_script_runs_variants_and_prints_the_table(data):
+    """Two variants side by side, then the table row of each, read from its log.jsonl."""
+    env = {**quality_env(data), "VARIANTS": "base:--optimizer=adamw;muon:--optimizer=muon --max_tokens=640 "
+                                            "--model_overrides={'n_layer':2,'dropout':0.1}"}
+    out = run_quality(env)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
             if line.startswith("| base") or line.startswith("| muon")}
     for name in ("base", "muon"):
         last = [r for r in map(json.loads, open(data / "q" / name / "log.jsonl")) if "val/bpb" in r][-1]
@@ -157,4 +165,17 @@ def test_quality_script_runs_variants_and_prints_the_table(data):
         assert val == pytest.approx(last["val/bpb"], abs=1e-4)
     assert json.load(open(data / "q" / "muon" / "config.json"))["optimizer"] == "muon"
     assert json.load(open(data / "q" / "base" / "config.json"))["optimizer"] == "adamw"
-    assert open(data / "q" / "table_gutenberg.txt").read() in p.stdout
+    assert open(data / "q" / "table_gutenberg.txt").read() in out
+
+
+def test_quality_script_default_rows_all_run(data):
+    """Every row of BENCHMARKS.md's table as dev/quality.sh lists it parses and trains (a flag the shell mangles,
+    such as a dict whose quotes it strips, fails its run); the drop2 row gets its dropout."""
+    out = run_quality(quality_env(data))
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r[0].strip() for r in rows] == ["adamw_1800", "adamw_1490", "muon_1050", "muon_1650", "ctx2048", "drop0",
+                                            "drop2", "wd", "d1_wd2", "drop0_wd2", "wd4_1400", "adamw_wd_1900", "config"]
+    for r in rows:
+        float(r[1])  # an unseen-author bpb, not "failed"
+    ran = json.load(open(data / "q" / "drop2" / "config.json"))
+    assert (ran["model_config"]["dropout"], ran["weight_decay"], ran["muon_weight_decay"]) == (0.2, 0.1, 0.01)
