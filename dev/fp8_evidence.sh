@@ -18,8 +18,7 @@ NAMES=()
 for v in "${VARIANT_LIST[@]}"; do
     NAMES+=("${v%%:*}")
     # shellcheck disable=SC2086  # the flags split into words on purpose
-    python train.py config/gutenberg.py --optimizer=adamw --weight_decay=0.1 --preset=medium-large "--model_overrides={}" \
-        --block_size=$BLOCK \
+    python train.py "${MEDIUM_LARGE[@]}" --block_size=$BLOCK \
         --micro_batch=$MB --max_tokens=$((STEPS * MB * BLOCK)) --warmup_tokens=$((STEPS / 10 * MB * BLOCK)) \
         --lr=6e-4 --min_lr=6e-5 ${v#*:} --eval_every_steps="$STEPS" --eval_tokens=1000000 --log_every_steps=25 \
         --out_dir="$RUNS/${v%%:*}" ${ARGS:-} 2>&1 | grep -E "^step|eval|switches" || true

@@ -14,8 +14,7 @@ STEPS=${STEPS:-5}
 MBS=${MBS:-256}
 VARIANTS=${VARIANTS:-"base:--fuse_old_logprobs=False --compile=False;new:--fuse_old_logprobs=True --compile=True"}
 source dev/gutenberg_data.sh
-python train.py config/gutenberg.py --optimizer=adamw --weight_decay=0.1 --preset=medium-large "--model_overrides={}" --block_size=2048 \
-    --micro_batch=16 \
+python train.py "${MEDIUM_LARGE[@]}" --block_size=2048 --micro_batch=16 \
     --max_tokens=327680 --warmup_tokens=32768 --eval_every_steps=0 --compile=False --out_dir="$RUNS/ml" \
     | grep -E "saved"
 IFS=";" read -ra VARIANT_LIST <<< "$VARIANTS"

@@ -17,8 +17,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source dev/gutenberg_data.sh
 MB=${MB:-16} BLOCK=${BLOCK:-2048}
 # constant lr: the resumed run continues the same curve
-common=(config/gutenberg.py --optimizer=adamw --weight_decay=0.1 --preset=medium-large "--model_overrides={}" --block_size=$BLOCK
-        --micro_batch=$MB
+common=("${MEDIUM_LARGE[@]}" --block_size=$BLOCK --micro_batch=$MB
         --grad_accum=1 --eval_every_steps=0 --log_every_steps=5 --checkpoint_every_steps=0
         --lr=6e-4 --warmup_tokens=$((5 * MB * BLOCK)) --decay_fraction=0 ${ARGS:-})
 launch() {  # launch N-gpus out_dir max_tokens [more args]
