@@ -200,6 +200,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
+def linear_cross_entropy(h, weight, targets, softcap=0.0):
+    """LinearCrossEntropy as a function, which torch.compile takes (compile_regions)."""
+    return LinearCrossEntropy.apply(h, weight, targets, None, softcap)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -222,6 +227,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.dsa_rope_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("dsa_rope_cos", cos, persistent=False)
             self.register_buffer("dsa_rope_sin", sin, persistent=False)
+        self.loss_fn = linear_cross_entropy  # compile_regions puts its compiled version here
         self.last_losses = {}  # DSA: {"lm", "indexer"} of the last forward with targets, detached, for logging
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -337,7 +343,7 @@ class GPT(nn.Module):
         h, w = h.to(dt), self.head_weight().to(dt)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         with torch.autocast(h.device.type, enabled=False):
-            loss_sum = LinearCrossEntropy.apply(h, w, targets, None, self.cfg.logit_softcap)
+            loss_sum = self.loss_fn(h, w, targets, self.cfg.logit_softcap)
         return loss_sum / (targets >= 0).sum().clamp(min=1), indexer
 
     @torch.no_grad()
@@ -379,6 +385,14 @@ class GPT(nn.Module):
             return adamw
         muon_params = [p for p in self.parameters() if p.requires_grad and id(p) in hidden]
         return ([torch.optim.Muon(muon_params, **muon)] if muon_params else []) + ([adamw] if trained else [])
+
+
+def compile_regions(model):
+    """train.py's compile_scope="blocks": each block (every layer shares one compiled graph: their code is the same)
+    and the head's loss, not the whole model: a 16 s cold compile instead of 44, for a 3% slower step (BENCHMARKS.md)."""
+    for block in model.blocks:
+        block.compile()
+    model.loss_fn = torch.compile(linear_cross_entropy)
 
 
 @functools.cache

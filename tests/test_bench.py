@@ -1,5 +1,8 @@
 """bench.py on the CPU: variants (switches and shape overrides) each give a row with their own FLOPs, and JSON."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +88,17 @@ def test_profile_train_needs_a_gpu():
     p = subprocess.run([sys.executable, os.path.join(root, "dev", "profile_train.py"), "config/debug.py"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "profile_train.py times GPU kernels: no CUDA device here" in p.stderr
+
+
+def test_compile_bench_runs_a_variant_cold_and_refuses_unknown_ones():
+    """dev/compile_bench.py on the CPU (debug preset): one variant in its own process gives a table row whose loss
+    fell (the same batch every step); an unknown variant is one clear error before any run."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev", "compile_bench.py")
+    p = subprocess.run([sys.executable, script, "--cpu", "blocks_eager_loss"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    row = [ln for ln in p.stdout.splitlines() if ln.startswith("| blocks_eager_loss |")]
+    first, last = map(float, row[0].split("|")[5].split("->"))
+    assert last < first - 1.0, row
+    p = subprocess.run([sys.executable, script, "--cpu", "everything"], capture_output=True, text=True)
+    assert p.returncode != 0 and "unknown variant(s) ['everything']" in p.stderr.strip().splitlines()[-1]

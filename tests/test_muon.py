@@ -179,3 +179,17 @@ def test_quality_script_default_rows_all_run(data):
         float(r[1])  # an unseen-author bpb, not "failed"
     ran = json.load(open(data / "q" / "drop2" / "config.json"))
     assert (ran["model_config"]["dropout"], ran["weight_decay"], ran["muon_weight_decay"]) == (0.2, 0.1, 0.01)
+
+
+def test_checkpoint_with_a_tensor_muon_lr_resumes_eagerly(data):
+    """A compiled Muon step on CUDA keeps its lr in a tensor, which checkpoints then hold; eager Muon takes only a
+    float (add_(alpha=tensor) raises): the resumed run converts it and continues bit for bit as before."""
+    common = ["--max_tokens=5120", "--grad_accum=2", "--optimizer=muon"]
+    run(data, *common, f"--out_dir={data / 'a'}", "--checkpoint_every_steps=10")
+    ckpt = checkpoint.load_checkpoint(str(data / "a" / "ckpt_0000010.pt"))
+    muon_group = ckpt["optimizer"]["param_groups"][0]
+    muon_group["lr"] = torch.tensor(muon_group["lr"])
+    checkpoint.save_checkpoint(str(data / "b" / "ckpt.pt"), ckpt)
+    run(data, *common, f"--out_dir={data / 'b'}", "--init_from=resume")
+    straight, resumed = losses(data / "a"), losses(data / "b")
+    assert sorted(resumed) == list(range(11, 21)) and all(straight[s] == resumed[s] for s in resumed)
