@@ -4,5 +4,7 @@ SRC=${SRC:-../shared/data}
 export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1
 [ -e data/gutenberg/meta.json ] || python prepare_data.py --source "$SRC/gutenberg/train.parquet" \
     --val-source "$SRC/gutenberg/val.parquet" --out data/gutenberg
-# the medium-large runs start from the Gutenberg config with AdamW and the usual decay, not the demo's Muon recipe
-MEDIUM_LARGE=(config/gutenberg.py --optimizer=adamw --weight_decay=0.1 --preset=medium-large "--model_overrides={}")
+# the medium-large runs start from the Gutenberg config with AdamW, the usual decay and the whole model compiled, not
+# the demo's Muon recipe and quick-to-compile blocks
+MEDIUM_LARGE=(config/gutenberg.py --optimizer=adamw --weight_decay=0.1 --compile_scope=model --preset=medium-large
+    "--model_overrides={}")
