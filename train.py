@@ -243,9 +243,6 @@ if __name__ == "__main__":
     config = configure(globals())
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
-    if optimizer == "muon" and parallel == "fsdp":  # torch's Muon would orthogonalize FSDP2's sharded DTensors
-        raise SystemExit("optimizer=muon does not support parallel=fsdp (torch.optim.Muon needs whole matrices); "
-                         "use parallel=ddp or optimizer=adamw")
     if precision not in ("bf16", "fp8"):
         raise SystemExit(f"unknown precision={precision!r}; use 'bf16' or 'fp8'")
     if compile_scope not in ("model", "blocks"):
@@ -373,10 +370,11 @@ if __name__ == "__main__":
         set_rng_state(ckpt["rng"], dev)
     del ckpt
     # Muon's eager step launches ~25 small kernels per matrix from Python (20 ms a step at config/gutenberg.py's shape,
-    # 6 of them on the GPU): compiled, it replays as a CUDA graph, its lr a tensor the loop fills (a float is baked in)
+    # 6 of them on the GPU): compiled, it replays as a CUDA graph, its lr a tensor the loop fills (a float is baked in).
+    # Under FSDP it stays eager: there its matrices are sharded DTensors, whose matmuls gather (so Muon is right).
     opt_steps = []
     for opt in optimizers:
-        graph = compile and dev.type == "cuda" and isinstance(opt, torch.optim.Muon)
+        graph = compile and dev.type == "cuda" and not FSDP and isinstance(opt, torch.optim.Muon)
         for group in opt.param_groups:  # eager Muon takes a float: either way, whatever a checkpoint held
             group["lr"] = torch.tensor(float(group["lr"]), device=dev) if graph else float(group["lr"])
         opt_steps.append(torch.compile(opt.step, backend="cudagraphs") if graph else opt.step)
