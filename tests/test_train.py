@@ -224,20 +224,26 @@ def test_ddp_two_processes_on_cpu(data):
     assert np.mean([log[s] for s in (18, 19, 20)]) < np.mean([log[s] for s in (1, 2, 3)]) - 0.3
 
 
-def test_fsdp_on_two_processes_resumes_on_one(data):
-    """parallel="fsdp" (FSDP2) on 2 CPU processes; its checkpoint (gathered, keyed by name) resumes on 1 process."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fsdp_on_two_processes_resumes_on_one(data, optimizer):
+    """parallel="fsdp" (FSDP2) on 2 CPU processes; its checkpoint (gathered, keyed by name; Muon's momentum too)
+    resumes on 1 process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), f"--data_dir={data / 'data'}", "--block_size=32", "--micro_batch=4",
            "--grad_accum=2", "--max_tokens=10240", "--lr=3e-3", "--warmup_tokens=256", "--eval_every_steps=10",
-           "--eval_tokens=1024", "--log_every_steps=5", "--parallel=fsdp", f"--out_dir={data / 'fsdp'}"]
+           "--eval_tokens=1024", "--log_every_steps=5", "--parallel=fsdp", f"--optimizer={optimizer}",
+           f"--out_dir={data / 'fsdp'}"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     log = losses(data / "fsdp")
     assert np.mean([log[s] for s in (18, 19, 20)]) < np.mean([log[s] for s in (1, 2, 3)]) - 0.3
     ckpt = checkpoint.load_checkpoint(str(data / "fsdp" / "ckpt.pt"))
     assert ckpt["step"] == 20 and ckpt["model"]["wte.weight"].shape[0] == 64  # whole tensors, not shards
+    if optimizer == "muon":
+        name = "blocks.0.mlp.gate_up.weight"
+        assert ckpt["optimizer"]["state"][name]["momentum_buffer"].shape == ckpt["model"][name].shape
     run(data, f"--out_dir={data / 'fsdp'}", "--init_from=resume", "--max_tokens=15360", "--micro_batch=8",
-        "--grad_accum=2", "--lr=3e-3")
+        "--grad_accum=2", "--lr=3e-3", f"--optimizer={optimizer}")
     resumed = losses(data / "fsdp")
     assert sorted(s for s in resumed if s > 20) == list(range(21, 31))
     assert resumed[21] < np.mean([log[s] for s in (1, 2, 3)]) - 0.3  # it went on from the trained weights
