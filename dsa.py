@@ -240,12 +240,9 @@ class SparseAttention(Attention):
 
 
 class SparseBlock(Block):
-    """A Block whose attention is SparseAttention; its forward also takes the indexer's RoPE and the loss flag."""
+    """A Block whose attention is SparseAttention: Block.forward passes on its extra arguments, the indexer's RoPE
+    and the loss flag."""
     attention = SparseAttention
-
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, irope=None, indexer_loss=False):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask, irope, indexer_loss)
-        return x + self.mlp(self.mlp_norm(x))
 
 
 def indexer_loss(model):

@@ -93,8 +93,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     cuda_graph: on CUDA, replay each decoding step as a CUDA graph (False: eager steps, e.g. to profile kernels)."""
     device = model.rope_cos.device
     _check(model, prompts, max_new_tokens)
-    fill = 0 if eos_id is None else eos_id
-    idx, pad = left_pad(prompts, fill, device)
+    idx, pad = left_pad(prompts, eos_id or 0, device)  # padding is masked: any id does, eos when there is one
     sample = functools.partial(_sample, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, eos_id=eos_id, generator=generator)
     if not use_cache:
@@ -127,9 +126,8 @@ class Engine:
         model = self.model
         device = model.rope_cos.device
         longest = _check(model, prompts, max_new_tokens)
-        fill = 0 if eos_id is None else eos_id
         width = min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, model.cfg.block_size - max_new_tokens)
-        idx, pad = left_pad(prompts, fill, device, width)
+        idx, pad = left_pad(prompts, eos_id or 0, device, width)
         slots = min(-(-(width + max_new_tokens) // SLOT_BUCKET) * SLOT_BUCKET, model.cfg.block_size)
         # the tensors' addresses: a move or cast of the model leaves a captured graph reading freed memory
         weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
@@ -164,7 +162,7 @@ def _check(model, prompts, max_new_tokens):
 def _sample(logits, step, max_new_tokens, temperature, top_k, top_p, eos_id, generator):
     """The sampling loop: logits (B, V) after the prompts, step(tokens (B,)) -> the next logits."""
     B, device = logits.shape[0], logits.device
-    fill = 0 if eos_id is None else eos_id
+    fill = eos_id or 0  # after a row's eos: eos again (0 when there is none)
     out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

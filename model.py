@@ -156,8 +156,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, *extra):  # extra: dsa.SparseAttention's arguments
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask, *extra)
         return x + self.mlp(self.mlp_norm(x))
 
 
