@@ -19,7 +19,7 @@ MODE=${MODE:-gutenberg}
 CPU=${CPU:-0}
 # runs sharing one GPU at once: the bpb of a fixed number of steps is the same, but "wall s" is then not a solo run's.
 # On an H200 runs at PER_GPU=4 died (Xid 43): 3 of 8 in cuDNN attention, 2 of 8 with it off (attention.py); alone,
-# none ever did. Rerun a failed row alone.
+# none ever did: a row that fails sharing runs again alone, after the others.
 PER_GPU=${PER_GPU:-1}
 export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1
 
@@ -103,6 +103,17 @@ for ((chain = 0; chain < CHAINS && chain < ${#SPECS[@]}; chain++)); do
     ) &
 done
 wait
+# a run that died sharing its GPU (Xid 43 on an H200; alone, never) runs again alone, its first log kept as .shared.log
+if [ "$PER_GPU" -gt 1 ]; then
+    for i in "${!SPECS[@]}"; do
+        read -r _ _ rc < "$Q_DIR/${NAMES[i]}.wall"
+        [ "$rc" = 0 ] && continue
+        mv "$Q_DIR/${NAMES[i]}.log" "$Q_DIR/${NAMES[i]}.shared.log"
+        echo "${NAMES[i]}: failed sharing its GPU; again, alone"
+        read -ra flags <<< "${SPECS[i]#*:}"
+        run_variant "${NAMES[i]}" 0 "${flags[@]}"
+    done
+fi
 
 # ---- table ----
 python - "$MODE" "$Q_DIR" "${NAMES[@]}" <<'EOF' | tee "$Q_DIR/table_$MODE.txt"

@@ -151,10 +151,14 @@ def run_quality(env):
 
 
 def test_quality_script_runs_variants_and_prints_the_table(data):
-    """Two variants side by side, then the table row of each, read from its log.jsonl."""
+    """Two variants side by side, then the table row of each, read from its log.jsonl; a row that failed sharing the
+    GPU runs again alone (here it fails again: its row says so, and both logs are kept)."""
     env = {**quality_env(data), "VARIANTS": "base:--optimizer=adamw;muon:--optimizer=muon --max_tokens=640 "
-                                            "--model_overrides={'n_layer':2,'dropout':0.1}"}
+                                            "--model_overrides={'n_layer':2,'dropout':0.1};bad:--lr=fast"}
     out = run_quality(env)
+    assert "bad: failed sharing its GPU; again, alone" in out and "| bad | failed (exit 1" in out
+    assert "lr must be float" in open(data / "q" / "bad.shared.log").read()
+    assert "lr must be float" in open(data / "q" / "bad.log").read()
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
             if line.startswith("| base") or line.startswith("| muon")}
     for name in ("base", "muon"):
