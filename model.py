@@ -389,7 +389,7 @@ class GPT(nn.Module):
 
 def compile_regions(model):
     """train.py's compile_scope="blocks": each block (every layer shares one compiled graph: their code is the same)
-    and the head's loss, not the whole model: a 16 s cold compile instead of 44, for a 3% slower step (BENCHMARKS.md)."""
+    and the head's loss, not the whole model: a 16 s cold compile, not 44, for a 3% slower step (BENCHMARKS.md)."""
     for block in model.blocks:
         block.compile()
     model.loss_fn = torch.compile(linear_cross_entropy)

@@ -177,8 +177,8 @@ def test_quality_script_default_rows_all_run(data):
     out = run_quality(quality_env(data))
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r[0].strip() for r in rows] == ["adamw_1800", "adamw_1490", "muon_1050", "muon_1650", "ctx2048", "drop0",
-                                            "drop2", "wd", "d1_wd2", "drop0_wd2", "wd4_1400", "adamw_wd_1900", "wd2_1400",
-                                            "config", "mwd3", "dec5"]
+                                            "drop2", "wd", "d1_wd2", "drop0_wd2", "wd4_1400", "adamw_wd_1900",
+                                            "wd2_1400", "config", "mwd3", "dec5"]
     for r in rows:
         float(r[1])  # an unseen-author bpb, not "failed"
     ran = json.load(open(data / "q" / "drop2" / "config.json"))
