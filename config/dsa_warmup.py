@@ -2,8 +2,8 @@
 # attention stays dense and only the lightning indexers train, on the KL from the main attention's distribution
 # (dsa.py). Then config/dsa_sparse.py, then dev/bench_dsa.py quality (BENCHMARKS.md has the commands).
 # The dense base, trained at the length we measure (T = 2048):
-#   python train.py config/gutenberg.py --optimizer=adamw --block_size=2048 --micro_batch=16 --max_tokens=25000000 \
-#       --eval_every_steps=0 --out_dir=out/gutenberg_2k
+#   python train.py config/gutenberg.py --optimizer=adamw --lr=1.5e-3 --min_lr=1.5e-4 --block_size=2048 \
+#       --micro_batch=16 --max_tokens=25000000 --eval_every_steps=0 --out_dir=out/gutenberg_2k
 init_from = "out/gutenberg_2k/ckpt.pt"
 out_dir = "out/dsa_warmup"
 data_dir = "data/gutenberg"

@@ -21,6 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-out/evidence}
+# pretraining: the Gutenberg model with AdamW, the usual decay and its lr (the demo's Muon recipe came later)
+ADAMW=(config/gutenberg.py --optimizer=adamw --weight_decay=0.1 --lr=1.5e-3 --min_lr=1.5e-4)
 export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$DATA/gpt2.tiktoken}
 CKPT_ADDITION=${CKPT_ADDITION:-$OUT/pretrain_addition/ckpt.pt}
 CKPT_MED=${CKPT_MED:-$OUT/pretrain_med/ckpt.pt}
@@ -35,7 +37,7 @@ addition_pretrain)  # characters, so digits are tokens (GPT-2's BPE cuts numbers
     python prepare_data.py --tokenizer char --source "$DATA/gutenberg/train.parquet:0.75" \
         --source "$OUT/addition_text.jsonl:0.25" --val-source "$DATA/gutenberg/val.parquet" --max-tokens 40000000 \
         --out "$OUT/data_gutenberg_addition" --overwrite
-    python train.py config/gutenberg.py --optimizer=adamw --weight_decay=0.1 \
+    python train.py "${ADAMW[@]}" \
         --data_dir="$OUT/data_gutenberg_addition" --out_dir="$OUT/pretrain_addition" \
         --max_tokens="${PRETRAIN_TOKENS:-40000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
@@ -45,7 +47,7 @@ mix_pretrain)  # one checkpoint for both experiments: Gutenberg 80% + addition t
     python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.8" --source "$OUT/addition_text.jsonl:0.1" \
         --source "$DATA/medmcqa/questions.jsonl:0.1" --val-source "$DATA/gutenberg/val.parquet" --max-tokens 20000000 \
         --out "$OUT/data_mix" --overwrite
-    python train.py config/gutenberg.py --optimizer=adamw --weight_decay=0.1 \
+    python train.py "${ADAMW[@]}" \
         --data_dir="$OUT/data_mix" --out_dir="$OUT/pretrain_mix" \
         --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
@@ -62,7 +64,7 @@ med_pretrain)  # Gutenberg + MedMCQA questions written as "Question ... Answer: 
     need "$DATA/medmcqa/questions.jsonl" "set DATA to a folder holding medmcqa/questions.jsonl"
     python prepare_data.py --source "$DATA/gutenberg/train.parquet:0.8" --source "$DATA/medmcqa/questions.jsonl:0.2" \
         --val-source "$DATA/gutenberg/val.parquet" --max-tokens 20000000 --out "$OUT/data_gutenberg_med" --overwrite
-    python train.py config/gutenberg.py --optimizer=adamw --weight_decay=0.1 \
+    python train.py "${ADAMW[@]}" \
         --data_dir="$OUT/data_gutenberg_med" --out_dir="$OUT/pretrain_med" \
         --max_tokens="${PRETRAIN_TOKENS:-30000000}" --eval_every_steps=0 ${TRAIN_ARGS:-}
     ;;
