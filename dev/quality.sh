@@ -17,26 +17,32 @@ DATA=${DATA:-data}  # prepared here once: $DATA/gutenberg (with an unseen_author
 Q_DIR=${Q_DIR:-out/q}
 MODE=${MODE:-gutenberg}
 CPU=${CPU:-0}
-# runs sharing one GPU at once: the bpb of a fixed number of steps is the same, but "wall s" is then not a solo run's.
-# On an H200 runs at PER_GPU=4 died (Xid 43): 3 of 8 in cuDNN attention, 2 of 8 with it off (attention.py); alone,
+# runs sharing one GPU at once: the bpb of a fixed number of steps is the same, but "wall s" is then not a solo run's,
+# and sharing buys no throughput (H100: three runs at 133k tokens/s each; one alone, 434k). Shared runs also die:
+# 6 of 19 (Xid 43, on an H100 after Xid 13, an SM exception), with cuDNN attention on or off (attention.py); alone,
 # none ever did: a row that fails sharing runs again alone, after the others.
 PER_GPU=${PER_GPU:-1}
 export TIKTOKEN_GPT2_FILE=${TIKTOKEN_GPT2_FILE:-$SRC/gpt2.tiktoken} PYTHONUNBUFFERED=1
 
 # The rows of BENCHMARKS.md's table, in its order. The config now: Muon, 1800 steps, dropout 0, weight decay 1.0 (head)
-# and 0.2 (Muon). OLD puts back the earlier config's regularisation (dropout 0.1, weight decay 0.1 and 0.01).
+# and 0.2 (Muon), AdamW lr 7.5e-4. OLD puts back the earlier config's regularisation (dropout 0.1, weight decay 0.1 and
+# 0.01); every row but "config" starts from the earlier AdamW lr (1.5e-3, for embeddings and head beside Muon).
 S=$((32 * 1024))  # tokens per step
 MO="--model_overrides={'n_layer':12"  # config/gutenberg.py's model_overrides, closed with more fields (in quotes)
 OLD_WD="--weight_decay=0.1 --muon_weight_decay=0.01"
 OLD="$MO,'dropout':0.1} $OLD_WD"
-row() { echo "$1:--max_tokens=$(($2 * S)) --eval_every_steps=$2 ${*:3}"; }  # name, steps, flags: one eval, at the end
+L15="--lr=1.5e-3 --min_lr=1.5e-4"
+row() { echo "$1:--max_tokens=$(($2 * S)) --eval_every_steps=$2 $L15 ${*:3}"; }  # name, steps, flags: one eval, at end
 GUTENBERG_VARIANTS="$(row adamw_1800 1800 --optimizer=adamw $OLD);$(row adamw_1490 1490 --optimizer=adamw $OLD);\
 $(row muon_1050 1050 $OLD);$(row muon_1650 1650 $OLD);$(row ctx2048 1050 $OLD --block_size=2048 --micro_batch=16);\
 $(row drop0 1050 "$MO,'dropout':0.0}" $OLD_WD);$(row drop2 1050 "$MO,'dropout':0.2}" $OLD_WD);\
 $(row wd 1050 "$MO,'dropout':0.1}" --weight_decay=0.5 --muon_weight_decay=0.1);\
 $(row d1_wd2 1050 "$MO,'dropout':0.1}");$(row drop0_wd2 1050);\
 $(row wd4_1400 1400 --weight_decay=2.0 --muon_weight_decay=0.4);$(row adamw_wd_1900 1900 --optimizer=adamw);\
-$(row wd2_1400 1400);config:;$(row mwd3 1800 --muon_weight_decay=0.3);$(row dec5 1800 --decay_fraction=0.5)"
+$(row wd2_1400 1400);$(row lr15 1800);$(row mwd3 1800 --muon_weight_decay=0.3);$(row dec5 1800 --decay_fraction=0.5);\
+$(row mlr4 1800 --muon_lr=0.04 --muon_weight_decay=0.1);$(row mlr1 1800 --muon_lr=0.01 --muon_weight_decay=0.4);\
+$(row cap30 1800 "$MO,'dropout':0.0,'logit_softcap':30.0}");$(row lr3 1800 --lr=3e-3 --min_lr=3e-4);config:;\
+$(row lr05 1800 --lr=5e-4 --min_lr=5e-5)"
 # config/shakespeare_char.py now (Muon, weight decay 1.0 and 0.2), Muon with the usual decay, nanoGPT's AdamW recipe
 SHAKESPEARE_VARIANTS="config:;muon:$OLD_WD;adamw:--optimizer=adamw --weight_decay=0.1"
 case $MODE in

@@ -178,12 +178,16 @@ def test_quality_script_default_rows_all_run(data):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r[0].strip() for r in rows] == ["adamw_1800", "adamw_1490", "muon_1050", "muon_1650", "ctx2048", "drop0",
                                             "drop2", "wd", "d1_wd2", "drop0_wd2", "wd4_1400", "adamw_wd_1900",
-                                            "wd2_1400", "config", "mwd3", "dec5"]
+                                            "wd2_1400", "lr15", "mwd3", "dec5", "mlr4", "mlr1", "cap30", "lr3",
+                                            "config", "lr05"]
     for r in rows:
         float(r[1])  # an unseen-author bpb, not "failed"
     ran = json.load(open(data / "q" / "drop2" / "config.json"))
     assert (ran["model_config"]["dropout"], ran["weight_decay"], ran["muon_weight_decay"]) == (0.2, 0.1, 0.01)
     assert json.load(open(data / "q" / "mwd3" / "config.json"))["muon_weight_decay"] == 0.3
+    lrs = {name: json.load(open(data / "q" / name / "config.json"))["lr"] for name in ("lr15", "mlr4", "config", "lr05")}
+    assert lrs == {"lr15": 1.5e-3, "mlr4": 1.5e-3, "config": 7.5e-4, "lr05": 5e-4}  # rows before lr 7.5e-4 keep theirs
+    assert json.load(open(data / "q" / "cap30" / "config.json"))["model_config"]["logit_softcap"] == 30.0
 
 
 def test_checkpoint_with_a_tensor_muon_lr_resumes_eagerly(data):
