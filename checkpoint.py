@@ -3,13 +3,14 @@ One checkpoint format for train.py, grpo.py, sample.py, eval and export: a dict 
 Python values (model config, weights, optimizer, step, data position, RNG states, the resolved run
 config, the tokenizer), written atomically and read with torch.load(weights_only=True), so loading
 never runs pickled code from a file someone handed you. Also the run set-up that train.py and grpo.py
-share: device and autocast, seeds, RNG state, stop signals, the JSON-lines log.
+share: device and autocast, seeds, RNG state, stop signals, GPU faults in one line, the JSON-lines log.
 """
 import json
 import os
 import re
 import shutil
 import signal
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -174,6 +175,26 @@ def stop_signals():
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: received.append(s))
     return received
+
+
+def gpu_faults_in_one_line(where, hint):
+    """Out of GPU memory and CUDA errors (after which the process cannot use its GPU) end the run in one line on
+    stderr, exit status 1, not a traceback: what failed, where() (the step, the checkpoint to resume from) and, for
+    memory, hint (what to lower). Other exceptions keep their traceback; so does a CUDA error under
+    CUDA_LAUNCH_BLOCKING=1 (asked for where it failed)."""
+    default = sys.excepthook
+
+    def hook(kind, err, tb):
+        if issubclass(kind, torch.OutOfMemoryError):
+            print(f"out of GPU memory {where()}: {hint} ({' '.join(str(err).split())})", file=sys.stderr)
+        elif issubclass(kind, torch.AcceleratorError):
+            if os.environ.get("CUDA_LAUNCH_BLOCKING") == "1":
+                default(kind, err, tb)
+            print(f"the GPU failed {where()}: {(str(err).splitlines() or [''])[0]}: a kernel fault or the GPU itself "
+                  "(dmesg shows an Xid); CUDA_LAUNCH_BLOCKING=1 shows which call", file=sys.stderr)
+        else:
+            default(kind, err, tb)
+    sys.excepthook = hook
 
 
 def run_logger(out_dir, resume_step=None):

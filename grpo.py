@@ -43,8 +43,8 @@ import attention as A
 import engine
 import model as M
 import tasks
-from checkpoint import (load_model, remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state,
-                        setup_device, stop_signals)
+from checkpoint import (gpu_faults_in_one_line, load_model, remove_stale_temps, rng_state, run_logger, save_checkpoint,
+                        set_rng_state, setup_device, stop_signals)
 from configurator import configure
 from engine import filter_logits
 from model import GPT, make_config
@@ -648,6 +648,8 @@ def plot_curve(out_dir):
 # ------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     config = configure(globals())
+    gpu_faults_in_one_line(lambda: f"after step {step}; the last checkpoint written: {saved}" if "saved" in globals()
+                           else "before training", "lower micro_batch (the same gradient at any size) or rollout_batch")
     dev, autocast, dtype = setup_device(device, dtype, seed)
     A.ATTENTION, M.RESIDUAL = attention, residual
     if not temperature > 0:

@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import attention as A
 import fp8
 import model as M
-from checkpoint import (check_tokenizer, latest_checkpoint, load_model, read_checkpoint, remove_stale_temps,
-                        rng_state, run_logger, save_checkpoint, set_rng_state, setup_device, step_checkpoints,
-                        stop_signals)
+from checkpoint import (check_tokenizer, gpu_faults_in_one_line, latest_checkpoint, load_model, read_checkpoint,
+                        remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
+                        step_checkpoints, stop_signals)
 from configurator import configure
 from model import GPT, GPTConfig, make_config
 
@@ -241,6 +241,13 @@ def write_checkpoint(step, tokens_seen, best_val_loss, is_best=False):
 if __name__ == "__main__":
     _default_preset = preset  # not a config key: tells a --preset given on the command line from the default
     config = configure(globals())
+
+    def fault_where():  # for an out-of-memory or CUDA error: the step, and what --init_from=resume would continue from
+        ckpt = os.path.join(out_dir, "ckpt.pt")
+        return (f"at step {step}" if "step" in globals() else "before training") + (
+            f"; --init_from=resume continues from {ckpt}" if os.path.isfile(ckpt) else "; no checkpoint written")
+    gpu_faults_in_one_line(fault_where, "lower micro_batch (a grad_accum as many times higher keeps the tokens per "
+                           "step) or set model_overrides={'checkpoint_activations': True}")
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     if precision not in ("bf16", "fp8"):

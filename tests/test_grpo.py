@@ -518,6 +518,26 @@ def test_non_finite_steps_are_counted_logged_and_stop_the_run(tmp_path):
     assert finite_checkpoint(tmp_path / "ckpt.pt")["step"] == skipped[-1] == recs[-1]["step"]
 
 
+def test_out_of_gpu_memory_ends_in_one_line(tmp_path):
+    """The third update's gradient clip runs out of GPU memory: one line, no traceback, naming the last checkpoint
+    and what to lower."""
+    (tmp_path / "patch").mkdir()
+    (tmp_path / "patch" / "sitecustomize.py").write_text(
+        "import torch\nreal, calls = torch.nn.utils.clip_grad_norm_, [0]\n"
+        "def clip(*args, **kwargs):\n    calls[0] += 1\n"
+        "    if calls[0] == 3:\n        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB.')\n"
+        "    return real(*args, **kwargs)\ntorch.nn.utils.clip_grad_norm_ = clip\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
+                        *SMALL, f"--out_dir={tmp_path}", "--save_every=1"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "patch"), ROOT])}, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    m = re.fullmatch(r"out of GPU memory after step (\d+); the last checkpoint written: (.*) \(step (\d+)\): lower "
+                     r"micro_batch \(the same gradient at any size\) or rollout_batch \(CUDA out of memory\. Tried to "
+                     r"allocate 9\.00 GiB\.\)", r.stderr.strip().splitlines()[-1])
+    assert m and m[2] == f"{tmp_path}/ckpt.pt" and m[1] == m[3], r.stderr[-500:]
+    assert finite_checkpoint(m[2])["step"] == int(m[3])
+
+
 def test_failed_checkpoint_writes_stop_the_run(tmp_path):
     (tmp_path / "ckpt.pt").mkdir()  # a directory where the checkpoint goes: every write fails
     out, last = run_grpo(*SMALL, f"--out_dir={tmp_path}", "--save_every=1", cwd=tmp_path, ok=False)

@@ -47,6 +47,45 @@ def run_failing_saves(data, fail, *args):
                           env={**os.environ, "FAIL_SAVES": ",".join(map(str, fail))})
 
 
+# train.py in a child whose FAULT_AT-th gradient clip raises the GPU error FAULT (a torch exception class) with FAULT_TEXT
+GPU_FAULT = """
+import os, runpy, sys, torch
+real_clip, calls = torch.nn.utils.clip_grad_norm_, [0]
+def clip(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["FAULT_AT"]):
+        raise getattr(torch, os.environ["FAULT"])(os.environ["FAULT_TEXT"])
+    return real_clip(*args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = clip
+sys.path.insert(0, os.getcwd())
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("fault, text, says", [
+    ("OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB.",
+     "out of GPU memory at step 7; --init_from=resume continues from {ckpt}: lower micro_batch (a grad_accum as many "
+     "times higher keeps the tokens per step) or set model_overrides={{'checkpoint_activations': True}} (CUDA out of "
+     "memory. Tried to allocate 2.00 GiB.)"),
+    ("AcceleratorError", "CUDA error: unspecified launch failure\nCUDA kernel errors might be asynchronously reported",
+     "the GPU failed at step 7; --init_from=resume continues from {ckpt}: CUDA error: unspecified launch failure: a "
+     "kernel fault or the GPU itself (dmesg shows an Xid); CUDA_LAUNCH_BLOCKING=1 shows which call")])
+def test_gpu_faults_end_in_one_line_and_the_run_resumes(data, fault, text, says):
+    """Out of GPU memory or a CUDA error mid-run: one line on stderr (no traceback) with the step, the checkpoint to
+    resume from and what to change; the checkpoint before the fault is whole and the run resumes to the end."""
+    out = data / "fault"
+    args = [f"--data_dir={data / 'data'}", "--block_size=32", "--micro_batch=4", "--warmup_tokens=256",
+            "--log_every_steps=5", "--eval_every_steps=0", "--checkpoint_every_steps=5", f"--out_dir={out}",
+            "--max_tokens=1280"]  # 10 steps
+    p = subprocess.run([sys.executable, "-c", GPU_FAULT, *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "FAULT": fault, "FAULT_AT": "8", "FAULT_TEXT": text})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert last_line(p) == says.format(ckpt=out / "ckpt.pt")
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 5
+    run(data, f"--out_dir={out}", "--max_tokens=1280", "--init_from=resume")
+    assert max(losses(out)) == 10
+
+
 def test_full_disk_warns_keeps_training_then_stops_after_max_failed_saves(data):
     out = data / "full"
     p = run_failing_saves(data, [2, 3, 4, 5], f"--out_dir={out}", "--max_tokens=2560")  # 20 steps, a save every 2
