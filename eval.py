@@ -21,7 +21,7 @@ import sys
 import attention as A
 import grpo
 import tasks
-from checkpoint import setup_device
+from checkpoint import gpu_faults_in_one_line, setup_device
 
 
 def main(argv=None):
@@ -68,4 +68,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    gpu_faults_in_one_line(lambda: "while evaluating", "lower --batch")
     main(sys.argv[1:])

@@ -10,7 +10,7 @@ import time
 import torch
 
 import attention as A
-from checkpoint import load_checkpoint, load_model, setup_device
+from checkpoint import gpu_faults_in_one_line, load_checkpoint, load_model, setup_device
 from tokenizer import load_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +64,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    gpu_faults_in_one_line(lambda: "while sampling", "lower --num_samples or --max_new_tokens")
     try:
         main(parser.parse_args())
     except ValueError as e:  # e.g. a prompt longer than the context: one clear line

@@ -86,6 +86,20 @@ def test_gpu_faults_end_in_one_line_and_the_run_resumes(data, fault, text, says)
     assert max(losses(out)) == 10
 
 
+def test_gpu_fault_hook_keeps_other_tracebacks(monkeypatch, capsys):
+    """Exceptions other than out of memory / a CUDA error go to the usual hook (a traceback); so does a CUDA error
+    under CUDA_LAUNCH_BLOCKING=1, followed by the one line."""
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, err, tb: seen.append(kind))  # restored after the test
+    checkpoint.gpu_faults_in_one_line(lambda: "here", "lower it")
+    sys.excepthook(ValueError, ValueError("x"), None)
+    assert seen == [ValueError] and capsys.readouterr().err == ""
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    sys.excepthook(torch.AcceleratorError, torch.AcceleratorError("CUDA error: an illegal memory access"), None)
+    assert seen == [ValueError, torch.AcceleratorError]
+    assert capsys.readouterr().err.startswith("the GPU failed here: CUDA error: an illegal memory access: a kernel")
+
+
 def test_full_disk_warns_keeps_training_then_stops_after_max_failed_saves(data):
     out = data / "full"
     p = run_failing_saves(data, [2, 3, 4, 5], f"--out_dir={out}", "--max_tokens=2560")  # 20 steps, a save every 2

@@ -1,5 +1,8 @@
 """sample.py end to end on the CPU with a tiny char-level checkpoint; --start FILE: errors are one line."""
+import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -56,3 +59,17 @@ def test_start_file_errors_are_one_line(ckpt, tmp_path):
 def test_device_cuda_without_a_gpu_is_one_line(ckpt):
     with pytest.raises(SystemExit, match=r"^device=cuda but no GPU is visible"):
         sample.main(sample.parser.parse_args(["--ckpt", ckpt, "--device", "cuda"]))
+
+
+def test_out_of_gpu_memory_is_one_line(ckpt, tmp_path):
+    """generate() running out of GPU memory: one line naming what to lower, exit 1, no traceback."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch, model\n"
+        "def oom(*args, **kwargs):\n    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 4.00 GiB.')\n"
+        "model.GPT.generate = oom\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", ckpt, "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])})
+    assert r.returncode == 1 and r.stderr == ("out of GPU memory while sampling: lower --num_samples or "
+                                              "--max_new_tokens (CUDA out of memory. Tried to allocate 4.00 GiB.)\n")
