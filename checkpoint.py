@@ -130,7 +130,12 @@ def load_model(source, device="cpu", strict=True, name=None, **overrides):
         ckpt, name = source, name or "the checkpoint"
     else:
         ckpt, name = read_checkpoint(source), source
-    model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
+    fields = {**ckpt["model_config"], **overrides}
+    unknown = sorted(set(fields) - set(GPTConfig.__dataclass_fields__))
+    if unknown:  # a checkpoint of a newer model.py, or a mistyped override
+        raise SystemExit(f"{name}: model fields {unknown} are unknown to this model.py (GPTConfig has "
+                         f"{sorted(GPTConfig.__dataclass_fields__)})")
+    model = GPT(GPTConfig(**fields))
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if strict or "indexer" not in k]:

@@ -64,3 +64,13 @@ def configure(defaults, argv=None):
                                  f"known keys: {', '.join(sorted(keys))}")
             defaults[key] = _coerce(key, value, defaults[key])
     return {k: defaults[k] for k in keys}
+
+
+def check_ranges(values, at_least_one=(), non_negative=()):
+    """One clear line for a size or count below 1 (0 would divide) or a rate below 0 (torch raises deep inside)."""
+    for key in at_least_one:
+        if values[key] < 1:
+            raise SystemExit(f"config error: {key} must be at least 1, not {values[key]}")
+    for key in non_negative:
+        if values[key] < 0:
+            raise SystemExit(f"config error: {key} must not be negative, not {values[key]}")

@@ -45,7 +45,7 @@ import model as M
 import tasks
 from checkpoint import (gpu_faults_in_one_line, load_model, remove_stale_temps, rng_state, run_logger, save_checkpoint,
                         set_rng_state, setup_device, stop_signals)
-from configurator import configure
+from configurator import check_ranges, configure
 from engine import filter_logits
 from model import GPT, make_config
 from tokenizer import load_tokenizer
@@ -654,9 +654,10 @@ if __name__ == "__main__":
     A.ATTENTION, M.RESIDUAL = attention, residual
     if not temperature > 0:
         raise SystemExit("temperature must be > 0: GRPO needs sampled groups, and log-probs are taken at it")
-    if updates_per_batch < 1 or micro_batch < 1 or prompts_per_step < 1 or samples_per_prompt < 2:
-        raise SystemExit("need updates_per_batch >= 1, micro_batch >= 1, prompts_per_step >= 1, "
-                         "samples_per_prompt >= 2")
+    check_ranges(config, ("updates_per_batch", "micro_batch", "prompts_per_step", "rollout_batch", "max_new_tokens",
+                          "eval_batch", "logprob_chunk_rows"), ("lr", "weight_decay", "kl_coef", "grad_clip"))
+    if samples_per_prompt < 2:  # a group of one has no spread to compare against
+        raise SystemExit(f"config error: samples_per_prompt must be at least 2, not {samples_per_prompt}")
 
     # ---- data (checked before any GPU work) ----
     for name in (task, eval_task):
@@ -708,7 +709,10 @@ if __name__ == "__main__":
         raise SystemExit(f"no training prompt fits the context: every prompt + max_new_tokens > block_size "
                          f"{policy.cfg.block_size}")
 
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create out_dir {out_dir}: {e.strerror}")
     if not eval_only:  # a killed save's temporary file: this run owns out_dir (eval_only may read a live run's)
         remove_stale_temps(out_dir)
     print(json.dumps(config, indent=1))

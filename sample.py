@@ -46,7 +46,7 @@ def main(args):
     start = read_start(args.start)  # before the checkpoint loads: a typo fails at once
     ckpt = load_checkpoint(args.ckpt)
     tok = load_tokenizer(ckpt["tokenizer"])
-    model = load_model(ckpt, dev)[0].eval()
+    model = load_model(ckpt, dev, name=args.ckpt)[0].eval()
     prompt = tok.encode(start) or [tok.eos_id]  # an empty prompt starts from a document boundary
     generator = torch.Generator(dev).manual_seed(args.seed)
     t0 = time.time()

@@ -31,7 +31,7 @@ import model as M
 from checkpoint import (check_tokenizer, gpu_faults_in_one_line, latest_checkpoint, load_model, read_checkpoint,
                         remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
                         step_checkpoints, stop_signals)
-from configurator import configure
+from configurator import check_ranges, configure
 from model import GPT, GPTConfig, make_config
 
 # ------------------------------------------------------------------------------------------------
@@ -247,7 +247,9 @@ if __name__ == "__main__":
         return (f"at step {step}" if "step" in globals() else "before training") + (
             f"; --init_from=resume continues from {ckpt}" if os.path.isfile(ckpt) else "; no checkpoint written")
     gpu_faults_in_one_line(fault_where, "lower micro_batch (a grad_accum as many times higher keeps the tokens per "
-                           "step) or set model_overrides={'checkpoint_activations': True}")
+                           "step) or set --checkpoint_activations=True")
+    check_ranges(config, ("block_size", "micro_batch", "grad_accum", "log_every_steps"),
+                 ("lr", "min_lr", "weight_decay", "muon_lr", "muon_weight_decay", "grad_clip", "warmup_tokens"))
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     if precision not in ("bf16", "fp8"):
@@ -301,7 +303,11 @@ if __name__ == "__main__":
     start_step, tokens_seen, best_val_loss, ckpt = 0, 0, float("inf"), None
     if init_from == "scratch":
         vocab = -(-meta["vocab_size"] // 64) * 64  # pad the vocab to a multiple of 64: faster matmuls
-        model_config = asdict(make_config(preset, **{"vocab_size": vocab, "block_size": block_size, **model_overrides}))
+        try:
+            model_config = asdict(make_config(preset, **{"vocab_size": vocab, "block_size": block_size,
+                                                         **model_overrides}))
+        except ValueError as e:  # an unknown preset or model field
+            raise SystemExit(str(e))
     else:
         if init_from == "resume":
             source, ckpt = latest_checkpoint(out_dir)
@@ -395,7 +401,10 @@ if __name__ == "__main__":
     # steps left from the tokens left: a run resumed with another batch or GPU count still stops at max_tokens
     max_steps = start_step + max(0, math.ceil((max_tokens - tokens_seen) / tokens_per_step))
     if RANK == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"cannot create out_dir {out_dir}: {e.strerror}")
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({**config, "model_config": asdict(cfg)}, f, indent=1)
         log0(json.dumps(config, indent=1))

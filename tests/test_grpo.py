@@ -552,6 +552,12 @@ def test_user_errors_name_the_real_problem(tmp_path):
     assert last == f"no training prompts in {empty}"
     _, last = run_grpo("--eval_task=medqa", f"--eval_data={empty}", cwd=tmp_path, ok=False)
     assert last == f"no evaluation examples in {empty}"
+    for arg, said in (("--rollout_batch=0", "rollout_batch must be at least 1, not 0"),
+                      ("--lr=-1e-05", "lr must not be negative, not -1e-05"),
+                      ("--samples_per_prompt=1", "samples_per_prompt must be at least 2, not 1"),
+                      (f"--out_dir={empty}/x", f"cannot create out_dir {empty}/x: Not a directory")):
+        _, last = run_grpo(arg, cwd=tmp_path, ok=False)
+        assert last.endswith(said), last
     torch.manual_seed(0)
     meta = grpo.char_meta(["Q: 1+2=\nA: 3"])
     pretrained = {"model_config": asdict(make_config("debug", vocab_size=meta["vocab_size"])), "kind": "pretrain",

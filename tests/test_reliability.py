@@ -65,7 +65,7 @@ runpy.run_path("train.py", run_name="__main__")
 @pytest.mark.parametrize("fault, text, says", [
     ("OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB.",
      "out of GPU memory at step 7; --init_from=resume continues from {ckpt}: lower micro_batch (a grad_accum as many "
-     "times higher keeps the tokens per step) or set model_overrides={{'checkpoint_activations': True}} (CUDA out of "
+     "times higher keeps the tokens per step) or set --checkpoint_activations=True (CUDA out of "
      "memory. Tried to allocate 2.00 GiB.)"),
     ("AcceleratorError", "CUDA error: unspecified launch failure\nCUDA kernel errors might be asynchronously reported",
      "the GPU failed at step 7; --init_from=resume continues from {ckpt}: CUDA error: unspecified launch failure: a "

@@ -73,3 +73,13 @@ def test_out_of_gpu_memory_is_one_line(ckpt, tmp_path):
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])})
     assert r.returncode == 1 and r.stderr == ("out of GPU memory while sampling: lower --num_samples or "
                                               "--max_new_tokens (CUDA out of memory. Tried to allocate 4.00 GiB.)\n")
+
+
+def test_a_checkpoint_of_a_newer_model_is_one_line(ckpt, tmp_path):
+    """A model_config field this model.py lacks (a checkpoint from a newer version) is named, not a TypeError."""
+    c = torch.load(ckpt, weights_only=True)
+    c["model_config"]["value_embeds"] = 3
+    save_checkpoint(str(tmp_path / "newer.pt"), c)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'newer.pt'}: model fields ['value_embeds'] are "
+                                                   "unknown to this model.py (GPTConfig has [")):
+        sample_cli("--ckpt", str(tmp_path / "newer.pt"))

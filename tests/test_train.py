@@ -116,10 +116,14 @@ def test_schedules():
     (["--preset=huge"], "unknown model preset"),
     (["--model_overrides={'vocab_size': 8}"], "has vocab 16 but the model only 8"),
     (["--compile_scope=all"], "compile_scope must be 'model' or 'blocks', not 'all'"),
+    (["--model_overrides={'n_layers': 2}"], "unknown model field(s) ['n_layers']"),
+    (["--micro_batch=0"], "config error: micro_batch must be at least 1, not 0"),
+    (["--lr=-0.001"], "config error: lr must not be negative, not -0.001"),
+    (["--out_dir=/dev/null/x"], "cannot create out_dir /dev/null/x: Not a directory"),
 ])
 def test_bad_input_is_one_clear_error(data, args, message):
     p = run(data, f"--out_dir={data / 'e'}", *args, check=False)
-    assert p.returncode != 0
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-1500:]
     last = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1]
     assert message in last, last
 
