@@ -250,6 +250,8 @@ if __name__ == "__main__":
                            "step) or set --checkpoint_activations=True")
     check_ranges(config, ("block_size", "micro_batch", "grad_accum", "log_every_steps"),
                  ("lr", "min_lr", "weight_decay", "muon_lr", "muon_weight_decay", "grad_clip", "warmup_tokens"))
+    if "checkpoint_activations" in model_overrides:  # train.py's own key sets it, and would silently win
+        raise SystemExit("config error: set --checkpoint_activations=True, not in model_overrides")
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     if precision not in ("bf16", "fp8"):

@@ -117,6 +117,7 @@ def test_schedules():
     (["--model_overrides={'vocab_size': 8}"], "has vocab 16 but the model only 8"),
     (["--compile_scope=all"], "compile_scope must be 'model' or 'blocks', not 'all'"),
     (["--model_overrides={'n_layers': 2}"], "unknown model field(s) ['n_layers']"),
+    (["--model_overrides={'checkpoint_activations': True}"], "set --checkpoint_activations=True, not in"),
     (["--micro_batch=0"], "config error: micro_batch must be at least 1, not 0"),
     (["--lr=-0.001"], "config error: lr must not be negative, not -0.001"),
     (["--out_dir=/dev/null/x"], "cannot create out_dir /dev/null/x: Not a directory"),
