@@ -23,7 +23,7 @@ import attention as A
 import engine
 import fp8
 import model as M
-from model import GPT, make_config
+from model import GPT, PRESETS, make_config
 
 FP8_SKIP = frozenset(fp8.skip_fp8_shapes)  # the measured default; variant fp8_skip=0 puts every block layer in FP8
 SWITCHES = {"ATTENTION": A.ATTENTION, "RESIDUAL": M.RESIDUAL}  # the modules' defaults
@@ -31,7 +31,7 @@ SWITCHES = {"ATTENTION": A.ATTENTION, "RESIDUAL": M.RESIDUAL}  # the modules' de
 PEAK_FLOPS = 989e12
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--preset", default="medium-large")
+parser.add_argument("--preset", default="medium-large", choices=sorted(PRESETS))
 parser.add_argument("--micro_batch", type=int, default=16)
 parser.add_argument("--block_size", type=int, default=2048)
 parser.add_argument("--steps", type=int, default=15, help="timed optimizer steps per variant")

@@ -150,6 +150,8 @@ class Engine:
 
 def _check(model, prompts, max_new_tokens):
     """The longest prompt's length, after the checks a caller's input can fail."""
+    if not len(prompts) or max_new_tokens < 1:
+        raise ValueError(f"need at least one prompt and max_new_tokens >= 1 (got {len(prompts)}, {max_new_tokens})")
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)

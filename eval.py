@@ -16,6 +16,7 @@ file:line and what is wrong with that line (grpo.check_data).
 import argparse
 import json
 import os
+import re
 import sys
 
 import attention as A
@@ -42,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--show", type=int, default=0, help="print this many greedy completions")
     a = ap.parse_args(argv)
+    if a.batch < 1 or a.max_new_tokens < 1 or not re.fullmatch(r"\d+(-\d+)?", a.digits):
+        ap.error("need --batch >= 1, --max_new_tokens >= 1 and --digits as N or LO-HI")
 
     dev, autocast, dtype = setup_device(a.device, a.dtype)  # as grpo.py's eval_only
     lo, _, hi = a.digits.partition("-")

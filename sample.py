@@ -41,6 +41,8 @@ def read_start(start):
 
 
 def main(args):
+    if args.temperature < 0 or not (args.top_p is None or 0 < args.top_p <= 1) or (args.top_k or 0) < 0:
+        raise SystemExit("sample.py: error: need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
     dev, autocast, _ = setup_device(args.device)  # bfloat16 autocast on GPU, float32 on CPU
     A.ATTENTION = args.attention
     start = read_start(args.start)  # before the checkpoint loads: a typo fails at once

@@ -116,10 +116,16 @@ HF_SOURCES = {"medqa": ("GBaker/MedQA-USMLE-4-options", None), "medmcqa": ("open
 
 def load_hf_rows(name, split="train"):
     """Rows in the local-file schema, from the Hugging Face hub."""
-    from datasets import load_dataset
     repo, config = HF_SOURCES[name]
+    try:
+        from datasets import load_dataset
+        hub_rows = list(load_dataset(repo, config, split=split))
+    except Exception as e:  # offline, or the hub moved: say how to run from a local file instead
+        raise SystemExit(f"could not load {repo} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}); point train_data / eval_data (eval.py --data) at a "
+                         f"local jsonl")
     rows = []
-    for r in load_dataset(repo, config, split=split):
+    for r in hub_rows:
         if name == "medmcqa":
             r = {"question": r["question"], "options": dict(zip("ABCD", (r["opa"], r["opb"], r["opc"], r["opd"]))),
                  "answer_idx": "ABCD"[r["cop"]]}

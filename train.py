@@ -98,8 +98,11 @@ def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         raise SystemExit(f"no dataset at {path}: {meta_path} is missing; make one with prepare_data.py --out {path}")
-    with open(meta_path) as f:
-        return json.load(f)
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"dataset {path}: {meta_path} is not valid JSON ({e}); rerun prepare_data.py --out {path}")
 
 
 class Batches:
@@ -252,6 +255,8 @@ if __name__ == "__main__":
                  ("lr", "min_lr", "weight_decay", "muon_lr", "muon_weight_decay", "grad_clip", "warmup_tokens"))
     if "checkpoint_activations" in model_overrides:  # train.py's own key sets it, and would silently win
         raise SystemExit("config error: set --checkpoint_activations=True, not in model_overrides")
+    if schedule not in ("cosine", "wsd"):
+        raise SystemExit(f"schedule must be 'cosine' or 'wsd', not {schedule!r}")
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     if precision not in ("bf16", "fp8"):

@@ -122,6 +122,21 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no data file"):
         eval_cli.main(["--ckpt", str(ckpt), "--task", "medqa", "--data", str(tmp_path / "missing.jsonl"),
                        "--device", "cpu"])
+    for bad in (["--batch", "0"], ["--digits", "5-x"]):  # argparse's error: exit 2, one line after the usage
+        with pytest.raises(SystemExit, match="2"):
+            eval_cli.main(["--ckpt", str(ckpt), "--task", "addition", "--device", "cpu", *bad])
+
+
+def test_the_hub_out_of_reach_is_one_line(monkeypatch):
+    """No network (or no datasets package): the task's hub repo, why, and the local-file way round it."""
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SystemExit, match=r"^could not load openai/gsm8k from the Hugging Face hub \(ConnectionError: "
+                                         r"Couldn't reach .*\); point train_data / eval_data \(eval.py --data\) at"):
+        tasks.load_hf_rows("gsm8k")
 
 
 def test_eval_cli_bad_data_is_one_line_with_file_and_line(tmp_path):

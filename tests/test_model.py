@@ -101,6 +101,9 @@ def test_prompt_longer_than_context_is_one_clear_error():
     m = tiny()
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
         m.generate([[1] * 250], 10)
+    for prompts, n in (([], 5), ([[1, 2]], 0)):
+        with pytest.raises(ValueError, match=r"need at least one prompt and max_new_tokens >= 1 \(got"):
+            m.generate(prompts, n)
     with pytest.raises(ValueError, match="longer than the model's context"):
         m(torch.zeros(1, 257, dtype=torch.long))
 

@@ -75,6 +75,12 @@ def test_out_of_gpu_memory_is_one_line(ckpt, tmp_path):
                                               "--max_new_tokens (CUDA out of memory. Tried to allocate 4.00 GiB.)\n")
 
 
+def test_bad_sampling_settings_are_one_line(ckpt):
+    for bad in (["--temperature", "-1"], ["--top_p", "0"], ["--top_k", "-2"]):
+        with pytest.raises(SystemExit, match=r"^sample.py: error: need --temperature >= 0, 0 < --top_p <= 1 and "):
+            sample_cli("--ckpt", ckpt, *bad)
+
+
 def test_a_checkpoint_of_a_newer_model_is_one_line(ckpt, tmp_path):
     """A model_config field this model.py lacks (a checkpoint from a newer version) is named, not a TypeError."""
     c = torch.load(ckpt, weights_only=True)

@@ -118,6 +118,7 @@ def test_schedules():
     (["--compile_scope=all"], "compile_scope must be 'model' or 'blocks', not 'all'"),
     (["--model_overrides={'n_layers': 2}"], "unknown model field(s) ['n_layers']"),
     (["--model_overrides={'checkpoint_activations': True}"], "set --checkpoint_activations=True, not in"),
+    (["--schedule=linear"], "schedule must be 'cosine' or 'wsd', not 'linear'"),
     (["--micro_batch=0"], "config error: micro_batch must be at least 1, not 0"),
     (["--lr=-0.001"], "config error: lr must not be negative, not -0.001"),
     (["--out_dir=/dev/null/x"], "cannot create out_dir /dev/null/x: Not a directory"),
@@ -127,6 +128,15 @@ def test_bad_input_is_one_clear_error(data, args, message):
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-1500:]
     last = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1]
     assert message in last, last
+
+
+def test_a_cut_meta_json_is_one_line(data):
+    text = (data / "data" / "meta.json").read_text()
+    (data / "data" / "meta.json").write_text(text[:len(text) // 2])  # a copy cut short
+    p = run(data, f"--out_dir={data / 'e'}", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"dataset {data / 'data'}: {data / 'data' / 'meta.json'} is "
+                                                        "not valid JSON (")
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(data, tmp_path_factory):
