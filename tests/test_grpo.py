@@ -525,11 +525,13 @@ def test_out_of_gpu_memory_ends_in_one_line(tmp_path):
     (tmp_path / "patch" / "sitecustomize.py").write_text(
         "import torch\nreal, calls = torch.nn.utils.clip_grad_norm_, [0]\n"
         "def clip(*args, **kwargs):\n    calls[0] += 1\n"
-        "    if calls[0] == 3:\n        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB.')\n"
+        "    if calls[0] == 3:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB.')\n"
         "    return real(*args, **kwargs)\ntorch.nn.utils.clip_grad_norm_ = clip\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), os.path.join(ROOT, "config", "grpo_debug.py"),
-                        *SMALL, f"--out_dir={tmp_path}", "--save_every=1"], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "patch"), ROOT])}, timeout=300)
+                        *SMALL, f"--out_dir={tmp_path}", "--save_every=1"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "patch"), ROOT])})
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     m = re.fullmatch(r"out of GPU memory after step (\d+); the last checkpoint written: (.*) \(step (\d+)\): lower "
                      r"micro_batch \(the same gradient at any size\) or rollout_batch \(CUDA out of memory\. Tried to "

@@ -185,7 +185,8 @@ def test_quality_script_default_rows_all_run(data):
     ran = json.load(open(data / "q" / "drop2" / "config.json"))
     assert (ran["model_config"]["dropout"], ran["weight_decay"], ran["muon_weight_decay"]) == (0.2, 0.1, 0.01)
     assert json.load(open(data / "q" / "mwd3" / "config.json"))["muon_weight_decay"] == 0.3
-    lrs = {name: json.load(open(data / "q" / name / "config.json"))["lr"] for name in ("lr15", "mlr4", "config", "lr05")}
+    lrs = {name: json.load(open(data / "q" / name / "config.json"))["lr"]
+           for name in ("lr15", "mlr4", "config", "lr05")}
     assert lrs == {"lr15": 1.5e-3, "mlr4": 1.5e-3, "config": 7.5e-4, "lr05": 5e-4}  # rows before lr 7.5e-4 keep theirs
     assert json.load(open(data / "q" / "cap30" / "config.json"))["model_config"]["logit_softcap"] == 30.0
 

@@ -47,7 +47,7 @@ def run_failing_saves(data, fail, *args):
                           env={**os.environ, "FAIL_SAVES": ",".join(map(str, fail))})
 
 
-# train.py in a child whose FAULT_AT-th gradient clip raises the GPU error FAULT (a torch exception class) with FAULT_TEXT
+# train.py in a child whose FAULT_AT-th gradient clip raises FAULT (a torch exception class) with FAULT_TEXT
 GPU_FAULT = """
 import os, runpy, sys, torch
 real_clip, calls = torch.nn.utils.clip_grad_norm_, [0]

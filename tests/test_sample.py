@@ -65,7 +65,8 @@ def test_out_of_gpu_memory_is_one_line(ckpt, tmp_path):
     """generate() running out of GPU memory: one line naming what to lower, exit 1, no traceback."""
     (tmp_path / "sitecustomize.py").write_text(
         "import torch, model\n"
-        "def oom(*args, **kwargs):\n    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 4.00 GiB.')\n"
+        "def oom(*args, **kwargs):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 4.00 GiB.')\n"
         "model.GPT.generate = oom\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", ckpt, "--device", "cpu"],
