@@ -150,6 +150,8 @@ def row_text(row, column, where):
     """One jsonl row -> document text (plain text field, MCQ with its answer letter, or GSM8K worked solution)."""
     from tasks import format_mcq
     if column in row:
+        if not isinstance(row[column], (str, type(None))):  # a number or list would fail deep in the tokenizer
+            die(f"{where}: '{column}' must be a string, not {type(row[column]).__name__}")
         return row[column]
     if {"question", "options", "answer_idx"} <= row.keys():
         return format_mcq(row["question"], row["options"]) + " " + str(row["answer_idx"])
@@ -543,7 +545,10 @@ def prepare(args, quiet=False):
         tok = get_tokenizer("char", sorted(set().union(*(set(d) for s in sources for d in docs(s, args)))))
     dtype = token_dtype(tok.vocab_size)
     made_dir = not os.path.isdir(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out {args.out}: {e.strerror}")
     try:
         meta = build(args, sources, tok, dtype, quiet)
     except BaseException:

@@ -233,6 +233,8 @@ def test_clear_errors(tmp_path):
              (["--source", pq_src], "has no column 'text' \\(columns: body, id\\); pick one with --text-column"),
              (["--source", write_jsonl(tmp_path / "w.jsonl", [{"body": "x"}])],
               "no 'text' field .* fields are \\['body'\\]"),
+             (["--source", write_jsonl(tmp_path / "n.jsonl", [{"text": "x"}, {"text": 5}])],
+              "n.jsonl:2: 'text' must be a string, not int$"),
              (["--source", f"{pq_src}:0.5", "--source", pq_src, "--text-column", "body"],
               "give a positive weight to every train source or to none")]
     for argv, msg in cases:
@@ -246,6 +248,8 @@ def test_clear_errors(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"prepare_data.py: error: source not found: {tmp_path / 'missing.parquet'}"]
+    with pytest.raises(SystemExit, match="cannot create --out /dev/null/o: Not a directory$"):
+        run("--source", pq_src, "--text-column", "body", "--tokenizer", "char", "--out", "/dev/null/o")
 
 
 def test_dtype_choice_and_large_vocab(tmp_path):
