@@ -61,7 +61,8 @@ def remove_stale_temps(out_dir):
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint not found: {path}")
+        raise SystemExit(f"{path} is a folder, not a checkpoint file (.pt)" if os.path.isdir(path) else
+                         f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, empty, corrupt, or holding objects we refuse to unpickle

@@ -704,7 +704,12 @@ if __name__ == "__main__":
     del ckpt
     limit = policy.cfg.block_size - max_new_tokens
     n_before = len(train_examples)
-    train_examples = [e for e in train_examples if len(tok.encode(e["prompt"])) <= limit]
+    try:  # a char tokenizer pretrained on other text may lack a prompt's characters: say so before any step
+        lengths = [len(tok.encode(e["prompt"])) for e in train_examples + eval_examples]
+    except ValueError as e:
+        raise SystemExit(f"{init_from}'s tokenizer cannot encode the {task} / {eval_task} prompts ({e}): pretrain on "
+                         "text that covers them, or with the gpt2 tokenizer")
+    train_examples = [e for e, n in zip(train_examples, lengths) if n <= limit]
     if not eval_only and not train_examples:
         raise SystemExit(f"no training prompt fits the context: every prompt + max_new_tokens > block_size "
                          f"{policy.cfg.block_size}")

@@ -567,6 +567,10 @@ def test_user_errors_name_the_real_problem(tmp_path):
     assert save_checkpoint(str(tmp_path / "ckpt.pt"), pretrained)
     _, last = run_grpo("--init_from=resume", f"--out_dir={tmp_path}", cwd=tmp_path, ok=False)
     path = tmp_path / "ckpt.pt"
+    _, spell = run_grpo(f"--init_from={path}", f"--out_dir={tmp_path / 'g'}", cwd=tmp_path, ok=False)  # 4-9 unseen
+    assert re.fullmatch(rf"{path}'s tokenizer cannot encode the addition / addition prompts \(character '\d' is not "
+                        r"in the char vocabulary\): pretrain on text that covers them, or with the gpt2 tokenizer",
+                        spell)
     assert last == (f"--init_from=resume needs a grpo.py checkpoint in out_dir; {path} is a train.py checkpoint "
                     f"(kind 'pretrain'): start with --init_from={path}")
 

@@ -77,6 +77,8 @@ def test_out_of_gpu_memory_is_one_line(ckpt, tmp_path):
 
 
 def test_bad_sampling_settings_are_one_line(ckpt):
+    with pytest.raises(SystemExit, match=r"^(.*) is a folder, not a checkpoint file \(\.pt\)$"):
+        sample_cli("--ckpt", os.path.dirname(ckpt))
     for bad in (["--temperature", "-1"], ["--top_p", "0"], ["--top_k", "-2"]):
         with pytest.raises(SystemExit, match=r"^sample.py: error: need --temperature >= 0, 0 < --top_p <= 1 and "):
             sample_cli("--ckpt", ckpt, *bad)
