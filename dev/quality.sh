@@ -5,7 +5,7 @@
 #   bash dev/quality.sh                                  # config/gutenberg.py: unseen-author bpb, val bpb, wall
 #   MODE=shakespeare bash dev/quality.sh                 # config/shakespeare_char.py: best val loss, wall
 #   VARIANTS="base:;muon:--optimizer=muon" bash dev/quality.sh
-#   PER_GPU=4 bash dev/quality.sh                        # 4 runs share each GPU: quality rows, not solo wall times
+#   PER_GPU=4 bash dev/quality.sh                        # 4 runs share each GPU: no faster in all, and risky (below)
 #   CPU=1 DATA=/tmp/fake bash dev/quality.sh             # smoke run on the CPU (tiny model): checks the script only
 # VARIANTS: "name:flags;name:flags", flags split on spaces (write dicts without spaces). Runs go to $Q_DIR/<name>,
 # their output to $Q_DIR/<name>.log; the table is printed last and kept in $Q_DIR/table_$MODE.txt.
