@@ -231,6 +231,12 @@ def run_logger(out_dir, resume_step=None):
         for k, v in record.items() if tb else ():
             if isinstance(v, (int, float)) and k != "step":
                 tb.add_scalar(k, v, record["step"])
+
+    def close():  # log.close(): the log and TensorBoard's pending events to disk
+        log_file.close()
+        if tb:
+            tb.close()
+    log.close = close
     return log
 
 
