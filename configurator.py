@@ -66,8 +66,13 @@ def configure(defaults, argv=None):
     return {k: defaults[k] for k in keys}
 
 
-def check_ranges(values, at_least_one=(), non_negative=()):
-    """One clear line for a size or count below 1 (0 would divide) or a rate below 0 (torch raises deep inside)."""
+def check_values(values, choices=None, at_least_one=(), non_negative=()):
+    """One clear line for a setting outside its choices ({key: allowed}), a size or count below 1 (0 would divide) or a
+    rate below 0 (torch raises deep inside): each checked before any work, not where it would first be used."""
+    for key, allowed in (choices or {}).items():
+        if values[key] not in allowed:
+            names = [repr(a) for a in allowed]
+            raise SystemExit(f"config error: {key} must be {', '.join(names[:-1])} or {names[-1]}, not {values[key]!r}")
     for key in at_least_one:
         if values[key] < 1:
             raise SystemExit(f"config error: {key} must be at least 1, not {values[key]}")

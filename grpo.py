@@ -45,7 +45,7 @@ import model as M
 import tasks
 from checkpoint import (gpu_faults_in_one_line, load_model, remove_stale_temps, rng_state, run_logger, save_checkpoint,
                         set_rng_state, setup_device, stop_signals)
-from configurator import check_ranges, configure
+from configurator import check_values, configure
 from engine import filter_logits
 from model import GPT, make_config
 from tokenizer import load_tokenizer
@@ -654,8 +654,10 @@ if __name__ == "__main__":
     A.ATTENTION, M.RESIDUAL = attention, residual
     if not temperature > 0:
         raise SystemExit("temperature must be > 0: GRPO needs sampled groups, and log-probs are taken at it")
-    check_ranges(config, ("updates_per_batch", "micro_batch", "prompts_per_step", "rollout_batch", "max_new_tokens",
-                          "eval_batch", "logprob_chunk_rows"), ("lr", "weight_decay", "kl_coef", "grad_clip"))
+    check_values(config, {"eval_mode": ("loglik", "generate", "both"), "attention": ("sdpa", "flash"),
+                          "residual": ("autocast", "fp32")},
+                 ("updates_per_batch", "micro_batch", "prompts_per_step", "rollout_batch", "max_new_tokens",
+                  "eval_batch", "logprob_chunk_rows"), ("lr", "weight_decay", "kl_coef", "grad_clip"))
     if samples_per_prompt < 2:  # a group of one has no spread to compare against
         raise SystemExit(f"config error: samples_per_prompt must be at least 2, not {samples_per_prompt}")
 

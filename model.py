@@ -66,7 +66,11 @@ def make_config(preset, **overrides):
     if bad:
         raise ValueError(f"unknown model field(s) {sorted(bad)}; "
                          f"GPTConfig has {sorted(GPTConfig.__dataclass_fields__)}")
-    return GPTConfig(**{**asdict(PRESETS[preset]), **overrides})
+    cfg = GPTConfig(**{**asdict(PRESETS[preset]), **overrides})
+    if cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:  # grouped queries share K/V heads; RoPE rotates pairs
+        raise ValueError(f"n_head ({cfg.n_head}) must be a multiple of n_kv_head ({cfg.n_kv_head}) and head_dim "
+                         f"({cfg.head_dim}) even")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import model as M
 from checkpoint import (check_tokenizer, gpu_faults_in_one_line, latest_checkpoint, load_model, read_checkpoint,
                         remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
                         step_checkpoints, stop_signals)
-from configurator import check_ranges, configure
+from configurator import check_values, configure
 from model import GPT, GPTConfig, make_config
 
 # ------------------------------------------------------------------------------------------------
@@ -251,20 +251,18 @@ if __name__ == "__main__":
             f"; --init_from=resume continues from {ckpt}" if os.path.isfile(ckpt) else "; no checkpoint written")
     gpu_faults_in_one_line(fault_where, "lower micro_batch (a grad_accum as many times higher keeps the tokens per "
                            "step) or set --checkpoint_activations=True")
-    check_ranges(config, ("block_size", "micro_batch", "grad_accum", "log_every_steps"),
+    check_values(config, {"schedule": ("cosine", "wsd"), "optimizer": ("adamw", "muon"), "precision": ("bf16", "fp8"),
+                          "compile_scope": ("model", "blocks"), "parallel": ("ddp", "fsdp"),
+                          "attention": ("sdpa", "flash"), "residual": ("autocast", "fp32")},
+                 ("block_size", "micro_batch", "grad_accum", "log_every_steps"),
                  ("lr", "min_lr", "weight_decay", "muon_lr", "muon_weight_decay", "grad_clip", "warmup_tokens"))
     if "checkpoint_activations" in model_overrides:  # train.py's own key sets it, and would silently win
         raise SystemExit("config error: set --checkpoint_activations=True, not in model_overrides")
-    if schedule not in ("cosine", "wsd"):
-        raise SystemExit(f"schedule must be 'cosine' or 'wsd', not {schedule!r}")
-    if optimizer not in ("adamw", "muon"):
-        raise SystemExit(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
-    if precision not in ("bf16", "fp8"):
-        raise SystemExit(f"unknown precision={precision!r}; use 'bf16' or 'fp8'")
-    if compile_scope not in ("model", "blocks"):
-        raise SystemExit(f"compile_scope must be 'model' or 'blocks', not {compile_scope!r}")
-    if parallel not in ("ddp", "fsdp"):
-        raise SystemExit(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
+    if not 0 <= decay_fraction <= 1:
+        raise SystemExit(f"config error: decay_fraction must be in [0, 1], not {decay_fraction}")
+    if any(not isinstance(stage, (tuple, list)) or len(stage) != 3 for stage in curriculum):
+        raise SystemExit(f"config error: curriculum takes (until_tokens, block_size, micro_batch) stages, not "
+                         f"{curriculum!r}")
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
     tokens_per_step = micro_batch * block_size * grad_accum * WORLD

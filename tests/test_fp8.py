@@ -88,4 +88,4 @@ def test_train_py_applies_fp8_and_its_checkpoint_loads_into_a_plain_gpt(tmp_path
     plain.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}, strict=True)
     bad = run(tmp_path, "--precision=fp16", "--max_tokens=640", f"--out_dir={tmp_path / 'bad'}", check=False)
     assert (bad.returncode == 1
-            and bad.stderr.strip().splitlines()[-1] == "unknown precision='fp16'; use 'bf16' or 'fp8'")
+            and bad.stderr.strip().splitlines()[-1] == "config error: precision must be 'bf16' or 'fp8', not 'fp16'")

@@ -555,6 +555,7 @@ def test_user_errors_name_the_real_problem(tmp_path):
     _, last = run_grpo("--eval_task=medqa", f"--eval_data={empty}", cwd=tmp_path, ok=False)
     assert last == f"no evaluation examples in {empty}"
     for arg, said in (("--rollout_batch=0", "rollout_batch must be at least 1, not 0"),
+                      ("--eval_mode=bad", "eval_mode must be 'loglik', 'generate' or 'both', not 'bad'"),
                       ("--lr=-1e-05", "lr must not be negative, not -1e-05"),
                       ("--samples_per_prompt=1", "samples_per_prompt must be at least 2, not 1"),
                       (f"--out_dir={empty}/x", f"cannot create out_dir {empty}/x: Not a directory")):

@@ -70,7 +70,7 @@ def test_muon_resume_is_bitwise_exact(data):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optimizer=sgd"], "optimizer must be 'adamw' or 'muon', not 'sgd'"),
+    (["--optimizer=sgd"], "config error: optimizer must be 'adamw' or 'muon', not 'sgd'"),
 ])
 def test_bad_optimizer_is_one_clear_line(data, args, message):
     p = run(data, f"--out_dir={data / 'e'}", *args, check=False)
