@@ -174,6 +174,14 @@ def set_rng_state(state, dev):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_out_dir(out_dir):
+    """os.makedirs, with one line (not a traceback) when the folder cannot be made: a file in the way, no permission."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create out_dir {out_dir}: {e.strerror}")
+
+
 def stop_signals():
     """SIGTERM (preemption) and SIGINT (Ctrl-C) append to the returned list instead of killing the run: the loop
     finishes its step, checkpoints and exits 0."""

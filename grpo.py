@@ -43,8 +43,8 @@ import attention as A
 import engine
 import model as M
 import tasks
-from checkpoint import (gpu_faults_in_one_line, load_model, remove_stale_temps, rng_state, run_logger, save_checkpoint,
-                        set_rng_state, setup_device, stop_signals)
+from checkpoint import (gpu_faults_in_one_line, load_model, make_out_dir, remove_stale_temps, rng_state, run_logger,
+                        save_checkpoint, set_rng_state, setup_device, stop_signals)
 from configurator import check_values, configure
 from engine import filter_logits
 from model import GPT, make_config
@@ -716,10 +716,7 @@ if __name__ == "__main__":
         raise SystemExit(f"no training prompt fits the context: every prompt + max_new_tokens > block_size "
                          f"{policy.cfg.block_size}")
 
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"cannot create out_dir {out_dir}: {e.strerror}")
+    make_out_dir(out_dir)
     if not eval_only:  # a killed save's temporary file: this run owns out_dir (eval_only may read a live run's)
         remove_stale_temps(out_dir)
     print(json.dumps(config, indent=1))

@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import attention as A
 import fp8
 import model as M
-from checkpoint import (check_tokenizer, gpu_faults_in_one_line, latest_checkpoint, load_model, read_checkpoint,
-                        remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state, setup_device,
-                        step_checkpoints, stop_signals)
+from checkpoint import (check_tokenizer, gpu_faults_in_one_line, latest_checkpoint, load_model, make_out_dir,
+                        read_checkpoint, remove_stale_temps, rng_state, run_logger, save_checkpoint, set_rng_state,
+                        setup_device, step_checkpoints, stop_signals)
 from configurator import check_values, configure
 from model import GPT, GPTConfig, make_config
 
@@ -406,10 +406,7 @@ if __name__ == "__main__":
     # steps left from the tokens left: a run resumed with another batch or GPU count still stops at max_tokens
     max_steps = start_step + max(0, math.ceil((max_tokens - tokens_seen) / tokens_per_step))
     if RANK == 0:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"cannot create out_dir {out_dir}: {e.strerror}")
+        make_out_dir(out_dir)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({**config, "model_config": asdict(cfg)}, f, indent=1)
         log0(json.dumps(config, indent=1))
