@@ -531,7 +531,8 @@ if __name__ == "__main__":
     if failed_saves:  # the run finished, but its newest steps are not on disk: not a success
         raise SystemExit(f"the last checkpoint could not be written; the newest good one is in {out_dir}")
     if WORLD > 1:  # with gloo, ~1 finished run in 10 on two busy cores aborted (SIGABRT) in the interpreter's teardown,
-        getattr(log_record, "close", lambda: None)()  # after all was saved: leave at once, the files flushed
+        if RANK == 0:  # after all was saved: leave at once, the files flushed (only rank 0 keeps a log)
+            log_record.close()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
