@@ -11,6 +11,7 @@ import torch
 import grpo
 import sample
 from checkpoint import save_checkpoint
+from conftest import ROOT
 from model import GPT, make_config
 
 TEXT = "the quick brown fox jumps over the lazy dog\n"
@@ -68,10 +69,9 @@ def test_out_of_gpu_memory_is_one_line(ckpt, tmp_path):
         "def oom(*args, **kwargs):\n"
         "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 4.00 GiB.')\n"
         "model.GPT.generate = oom\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", ckpt, "--device", "cpu"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--device", "cpu"],
                        capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])})
     assert r.returncode == 1 and r.stderr == ("out of GPU memory while sampling: lower --num_samples or "
                                               "--max_new_tokens (CUDA out of memory. Tried to allocate 4.00 GiB.)\n")
 
