@@ -206,7 +206,7 @@ def test_checkpoint_with_a_tensor_muon_lr_resumes_eagerly(data):
 
 
 FSDP_MUON = """
-import copy, sys, torch, torch.distributed as dist
+import copy, os, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, sys.argv[1])
 import model as M
@@ -235,6 +235,10 @@ for name in ("blocks.0.mlp.gate_up.weight", "blocks.1.attn.qkv.weight", "blocks.
     rel = lambda a: ((a - want).norm() / want.norm()).item()
     if dist.get_rank() == 0:
         print("RESULT", name, rel(got), rel(torch.cat(halves)))
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as train.py ends: gloo can abort the interpreter's teardown (SIGABRT) after all the work is done
 """
 
 
